@@ -62,6 +62,20 @@ def online_softmax_step(
 
 
 @triton.jit
+def load_rows(base, idx, dims, stride, idx_ok, d_ok):
+    """(len(idx), BLOCK_D) tile of tokens `idx` (row stride `stride`), zeros where masked."""
+    mask = idx_ok[:, None] & d_ok[None, :]
+    return tl.load(base + idx[:, None] * stride + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def load_cols(base, idx, dims, stride, idx_ok, d_ok):
+    """(BLOCK_D, len(idx)) transposed tile of tokens `idx`, ready as the right operand of q @ k^T."""
+    mask = d_ok[:, None] & idx_ok[None, :]
+    return tl.load(base + idx[None, :] * stride + dims[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
 def _flash_fwd_kernel(
     Q, K, V, O, QL, KL, TBL, CAP, P,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
@@ -80,11 +94,7 @@ def _flash_fwd_kernel(
     row_ok = rows < n_q
     d_ok = dims < HEAD_D
 
-    q = tl.load(
-        Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q = load_rows(Q + b * sqb + h * sqh, rows, dims, sqs, row_ok, d_ok)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     if HAS_REGIONS:
@@ -98,7 +108,7 @@ def _flash_fwd_kernel(
     for start in range(0, n_k, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < n_k
-        k_t = tl.load(k_base + cols[None, :] * sks + dims[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        k_t = load_cols(k_base, cols, dims, sks, col_ok, d_ok)
         s = mma(q, k_t, IN_PREC, UPCAST) * qk_scale
         keep = row_ok[:, None] & col_ok[None, :]
         if HAS_REGIONS:
@@ -106,7 +116,7 @@ def _flash_fwd_kernel(
             allowed = tl.load(tbl_rows[:, None] + k_lab[None, :], mask=keep, other=0)
             keep = keep & (allowed != 0)
         s = tl.where(keep, s, float("-inf"))
-        v = tl.load(v_base + cols[:, None] * svs + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = load_rows(v_base, cols, dims, svs, col_ok, d_ok)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, V.dtype.element_ty, IN_PREC, UPCAST)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -125,7 +135,7 @@ def _flash_fwd_kernel(
             cs = c0 + tl.arange(0, BLOCK_C)
             c_ok = cs < n_cap
             idx = tl.load(CAP + cs, mask=c_ok, other=0)
-            k_t = tl.load(k_base + idx[None, :] * sks + dims[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+            k_t = load_cols(k_base, idx, dims, sks, c_ok, d_ok)
             s = mma(q, k_t, IN_PREC, UPCAST) * qk_scale
             keep = row_ok[:, None] & c_ok[None, :]
             if HAS_REGIONS:
@@ -133,7 +143,8 @@ def _flash_fwd_kernel(
                 allowed = tl.load(tbl_rows[:, None] + k_lab[None, :], mask=keep, other=0)
                 keep = keep & (allowed != 0)
             p = tl.where(keep, tl.exp2(s - m_safe[:, None]), 0.0) * inv_l[:, None]
-            tl.atomic_add(p_base + rows[:, None] * n_cap + cs[None, :], p, mask=row_ok[:, None] & c_ok[None, :])
+            p_mask = row_ok[:, None] & c_ok[None, :]
+            tl.atomic_add(p_base + rows[:, None] * n_cap + cs[None, :], p, mask=p_mask)
 
 
 # ----------------------------------------------------------------------------- launch helpers
