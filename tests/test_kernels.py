@@ -1,0 +1,279 @@
+"""The Triton kernels against their PyTorch references, on the CPU through Triton's interpreter.
+
+TRITON_INTERPRET must be set before the kernels are *decorated* (triton 3.x reads it in
+`@triton.jit`, i.e. when a kernel module is imported), not merely before triton is imported. If an
+earlier test module already imported them compiled for a GPU (the dispatch imports the backend
+lazily), the kernel modules are reloaded here. With TRITON_INTERPRET=0 and a GPU the same tests run
+on CUDA. Shapes are small and tiles tiny so ragged tails and multi-tile loops are exercised fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from attnedit.kernels import dispatch  # noqa: E402
+from attnedit.kernels.types import KVDownsample, LocalWindow, RegionMask  # noqa: E402
+
+INTERPRET = bool(triton.knobs.runtime.interpret)
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no GPU: nothing can run the kernels", allow_module_level=True)
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+def _load_kernels():
+    """Import the kernel modules, reloading them (dependencies first) if decorated for the GPU."""
+    names = ["flash_attention", "local_window_attention", "todo_attention", "triton_backend"]
+    mods = [importlib.import_module(f"attnedit.kernels.{n}") for n in names]
+    if INTERPRET:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(mods[0]._flash_fwd_kernel, InterpretedFunction):
+            mods = [importlib.reload(m) for m in mods]
+    return mods
+
+
+fa, lw, td, backend = _load_kernels()
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {  # (atol, rtol) on outputs of magnitude ~1; fp16/bf16 allow ~2 ulps of the output
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+PROB_TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+def _qkv(b, nq, nk, h, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, h, d, generator=g) for n in (nq, nk, nk))
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype)
+
+
+def _close(out, ref, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+def test_kernels_run_under_the_interpreter_when_asked():
+    if not INTERPRET:
+        pytest.skip("running compiled on a GPU")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    for kernel in (fa._flash_fwd_kernel, lw._local_window_kernel, td._todo_kernel):
+        assert isinstance(kernel, InterpretedFunction)
+
+
+# ----------------------------------------------------------------------------- flash attention
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [40, 64, 72, 80, 128, 160])
+def test_flash_matches_reference(dtype, head_dim):
+    q, k, v = _qkv(2, 37, 29, 2, head_dim, dtype, seed=head_dim)  # neither length a tile multiple
+    out, probs = fa.flash_attention(q, k, v, block_m=16, block_n=16)
+    ref, _ = fa.reference_flash_attention(q, k, v)
+    assert probs is None and out.dtype == dtype and out.shape == q.shape
+    _close(out, ref, dtype)
+
+
+def test_flash_default_tiles_custom_scale_and_strided_inputs():
+    # q, k, v as views of one fused projection (non-contiguous seq/head strides), default GPU tiles.
+    b, n, h, d = 1, 131, 2, 64
+    qkv = torch.randn(b, n, 3, h, d).to(DEVICE)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out, _ = fa.flash_attention(q, k, v, scale=0.3)
+    ref, _ = fa.reference_flash_attention(q, k, v, scale=0.3)
+    _close(out, ref, torch.float32)
+    wrong, _ = fa.reference_flash_attention(q, k, v)  # the scale really is used
+    assert (out - wrong).abs().max() > 1e-3
+
+
+def _regions(b, nq, nk, batched, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q_lab = torch.randint(0, 4, (b, nq), generator=g)
+    k_lab = torch.randint(0, 3, (b, nk), generator=g)  # label 3 never appears among the keys
+    allowed = torch.rand((b, 4, 4) if batched else (4, 4), generator=g) > 0.3
+    allowed[..., 3] = True  # label 3 is allowed but empty: must not matter
+    allowed[..., 1, :] = False  # queries of label 1 see no key: zero rows
+    q_lab[:, 0] = 1
+    return RegionMask(q_lab.to(DEVICE), k_lab.to(DEVICE), allowed.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batched", [False, True], ids=["table", "batched-table"])
+def test_flash_regions(dtype, batched):
+    q, k, v = _qkv(2, 45, 38, 2, 40, dtype, seed=1)
+    regions = _regions(2, 45, 38, batched)
+    out, _ = fa.flash_attention(q, k, v, regions=regions, block_m=16, block_n=16)
+    ref, _ = fa.reference_flash_attention(q, k, v, regions=regions)
+    _close(out, ref, dtype)
+    empty = ~regions.dense()[:, 0].any(-1)  # (B, Nq): rows with no allowed key
+    assert empty[regions.q_labels == 1].all() and (out[empty] == 0).all()
+    assert (out[~empty].abs().sum(-1) > 0).all()
+    # the same labels through the dense mask: the regions really change the result
+    plain, _ = fa.flash_attention(q, k, v, block_m=16, block_n=16)
+    assert (plain.float() - out.float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_regions", [False, True], ids=["plain", "regions"])
+def test_capture_is_exact(dtype, with_regions):
+    q, k, v = _qkv(2, 33, 80, 3, 64, dtype, seed=2)
+    regions = _regions(2, 33, 80, batched=True, seed=3) if with_regions else None
+    capture = torch.tensor([0, 5, 79, 5, 17, 40], device=DEVICE)  # unsorted, with a duplicate
+    out, probs = fa.flash_attention(q, k, v, regions=regions, capture=capture, block_m=16, block_n=32)
+    ref, ref_probs = fa.reference_flash_attention(q, k, v, regions=regions, capture=capture)
+    _close(out, ref, dtype)
+    assert probs.shape == (2, 33, 6) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs, ref_probs, atol=PROB_TOL[dtype], rtol=1e-3)
+    if with_regions:
+        assert (probs[regions.q_labels == 1] == 0).all()
+
+
+def test_capture_of_every_key_sums_to_one_across_several_chunks():
+    # 80 captured keys > BLOCK_C (64): the capture loop runs twice; full capture is a probability row.
+    q, k, v = _qkv(1, 20, 80, 2, 64, torch.float32, seed=4)
+    _, probs = fa.flash_attention(q, k, v, capture=torch.arange(80, device=DEVICE), block_m=16, block_n=16)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 20, device=DEVICE), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- local window (CLEAR)
+
+WINDOWS = [  # (grid, radius, text_len, text_first)
+    ((7, 11), 3.0, 5, True),  # odd, non-square, text first (FLUX)
+    ((9, 6), 2.5, 6, False),  # text last, fractional radius
+    ((5, 13), 1.0, 0, True),  # no text, radius 1 = the token itself only
+    ((6, 6), 0.0, 3, False),  # radius 0: image queries see only text
+    ((6, 5), 20.0, 4, True),  # disk bigger than the grid: dense
+]
+
+
+@pytest.mark.parametrize("case", WINDOWS, ids=lambda c: f"{c[0][0]}x{c[0][1]}-r{c[1]}-t{c[2]}-{c[3]}")
+def test_local_window_matches_dense_mask(case):
+    grid, radius, text, first = case
+    window = LocalWindow(grid, radius, text, first)
+    n = grid[0] * grid[1] + text
+    q, k, v = _qkv(1, n, n, 2, 40, torch.float32, seed=5)
+    out = lw.local_window_attention(q, k, v, window, query_tile=(4, 4), key_tile=(4, 4), text_block=16)
+    ref = lw.reference_local_window_attention(q, k, v, window)
+    _close(out, ref, torch.float32)
+
+
+def test_local_window_zero_rows_without_text():
+    window = LocalWindow((4, 5), 0.0, 0, True)
+    q, k, v = _qkv(1, 20, 20, 1, 16, torch.float32)
+    out = lw.local_window_attention(q, k, v, window, query_tile=(2, 4), key_tile=(2, 4))
+    assert (out == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_local_window_dtypes(dtype, head_dim):
+    window = LocalWindow((9, 10), 3.5, 7, False)
+    n = 97
+    q, k, v = _qkv(2, n, n, 1, head_dim, dtype, seed=6)
+    out = lw.local_window_attention(q, k, v, window, query_tile=(4, 8), key_tile=(4, 4), text_block=16)
+    _close(out, lw.reference_local_window_attention(q, k, v, window), dtype)
+
+
+def test_local_window_reach():
+    assert [lw.window_reach(r) for r in (0.0, 0.5, 1.0, 1.5, 2.0, 3.2)] == [-1, 0, 0, 1, 1, 3]
+
+
+# ----------------------------------------------------------------------------- ToDo
+
+
+TODO_CASES = [  # (grid, factor, start, tokens after the image)
+    ((8, 8), (2, 2), 0, 0),
+    ((7, 9), (2, 2), 0, 0),  # partial border cells
+    ((9, 5), (4, 3), 3, 5),  # text before and after; ceil(9/3) != 4 for nearest-exact
+    ((6, 8), (1, 2), 0, 4),
+]
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact", "avg"])
+@pytest.mark.parametrize("case", TODO_CASES, ids=lambda c: f"{c[0][0]}x{c[0][1]}-f{c[1][0]}{c[1][1]}-{c[2]}-{c[3]}")
+def test_todo_matches_downsample_then_sdpa(mode, case):
+    grid, factor, start, after = case
+    spec = KVDownsample(grid, factor, mode, start)
+    n_k = start + grid[0] * grid[1] + after
+    q, k, v = _qkv(2, 21, n_k, 2, 40, torch.float32, seed=7)
+    out = td.todo_attention(q, k, v, spec, block_m=16, block_n=16)
+    _close(out, td.reference_todo_attention(q, k, v, spec), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["nearest-exact", "avg"])
+def test_todo_half_precision(dtype, mode):
+    spec = KVDownsample((7, 6), (2, 2), mode, 2)
+    q, k, v = _qkv(1, 30, 44 + 3, 2, 80, dtype, seed=8)
+    out = td.todo_attention(q, k, v, spec, block_m=16, block_n=16)
+    _close(out, td.reference_todo_attention(q, k, v, spec), dtype)
+
+
+# ----------------------------------------------------------------------------- backend and dispatch
+
+
+def test_backend_supports():
+    q, k, v = _qkv(1, 20, 20, 2, 64, torch.float16)
+    win = LocalWindow((4, 5), 2.0)
+    ds = KVDownsample((4, 5), (2, 2))
+    regions = _regions(1, 20, 20, batched=False)
+    assert backend.supports(q, k, v)
+    assert backend.supports(q, k, v, regions=regions, capture=torch.tensor([1, 2]))
+    assert backend.supports(q, k, v, window=win) and backend.supports(q, k, v, downsample=ds)
+    assert not backend.supports(q, k, v, mask=torch.ones(20, 20, dtype=torch.bool))
+    assert not backend.supports(q, k, v, window=win, downsample=ds)
+    assert not backend.supports(q, k, v, downsample=ds, capture=torch.tensor([0]))
+    assert not backend.supports(q, k, v, downsample=KVDownsample((4, 5), (2, 2), "bilinear"))
+    assert not backend.supports(q, k, v, window=LocalWindow((4, 4), 2.0))  # 16 != 20 tokens
+    assert not backend.supports(q, k, v, capture=torch.tensor([20]))  # out of range
+    assert not backend.supports(q.double(), k.double(), v.double())
+    assert not backend.supports(*_qkv(1, 20, 20, 2, 320, torch.float16))
+    assert dispatch._BACKENDS["triton"].run is backend.run
+
+
+def test_backend_run_matches_torch_path():
+    q, k, v = _qkv(2, 30, 30, 2, 40, torch.float32, seed=9)
+    regions = _regions(2, 30, 30, batched=True, seed=10)
+    capture = torch.tensor([3, 0, 29], device=DEVICE)
+    cases = [
+        dict(regions=regions, capture=capture),  # empty query rows included: zeros on both paths
+        dict(window=LocalWindow((5, 5), 2.0, 5, True)),
+        dict(downsample=KVDownsample((5, 5), (2, 2), "avg", 5)),
+        dict(scale=0.2),
+    ]
+    for features in cases:
+        out, probs = backend.run(q, k, v, **features)
+        ref, ref_probs = dispatch.torch_attention(q, k, v, **features)
+        _close(out, ref, torch.float32)
+        if ref_probs is not None:
+            torch.testing.assert_close(probs, ref_probs, atol=1e-5, rtol=1e-4)
+
+
+def test_dispatch_torch_path_equals_references():
+    q, k, v = _qkv(2, 30, 30, 2, 32, torch.float32, seed=11)
+    regions = _regions(2, 30, 30, batched=False, seed=12)
+    capture = torch.tensor([1, 7], device=DEVICE)
+    window = LocalWindow((5, 5), 1.5, 5, False)
+    spec = KVDownsample((5, 5), (2, 3), "nearest-exact", 0)
+    with dispatch.using("torch"):
+        out = dispatch.attention(q, k, v, regions=regions)
+        out_c, probs = dispatch.attention(q, k, v, regions=regions, capture=capture)
+        out_w = dispatch.attention(q, k, v, window=window)
+        out_d = dispatch.attention(q, k, v, downsample=spec)
+    ref, ref_probs = fa.reference_flash_attention(q, k, v, regions=regions, capture=capture)
+    _close(out, ref, torch.float32)
+    _close(out_c, ref, torch.float32)
+    torch.testing.assert_close(probs, ref_probs, atol=1e-5, rtol=1e-4)
+    _close(out_w, lw.reference_local_window_attention(q, k, v, window), torch.float32)
+    _close(out_d, td.reference_todo_attention(q, k, v, spec), torch.float32)
