@@ -1,0 +1,43 @@
+"""attnedit: attention control for Hugging Face Diffusers pipelines.
+
+>>> import attnedit
+>>> pipe = attnedit.load("shapes-sd")
+>>> store = attnedit.AttentionStore()
+>>> result = pipe("a red circle and a blue square", controls=[store], seed=0)
+"""
+
+__version__ = "0.1.0"
+
+from . import kernels
+from .controller import Controller, Run
+from .controls import CONTROLS, CallContext, Control, make_control, register
+from .layers import LayerInfo, LayerRegistry
+from .layout import BatchLayout, Row
+from .pipeline import EditPipeline, Result, apply, controlled, load, remove
+from .selectors import Select, Steps
+from .store import AttentionStore
+
+__all__ = [
+    "CONTROLS",
+    "AttentionStore",
+    "BatchLayout",
+    "CallContext",
+    "Control",
+    "Controller",
+    "EditPipeline",
+    "LayerInfo",
+    "LayerRegistry",
+    "Result",
+    "Row",
+    "Run",
+    "Select",
+    "Steps",
+    "__version__",
+    "apply",
+    "controlled",
+    "kernels",
+    "load",
+    "make_control",
+    "register",
+    "remove",
+]

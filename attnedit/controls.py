@@ -1,0 +1,229 @@
+"""The interface every attention-control method implements.
+
+A control says *where* it acts (a layer `Select`, a `Steps` window, the passes it joins) and
+overrides only the hooks it needs; the universal processor calls them in a fixed order:
+
+    q, k, v = control.qkv(ctx, q, k, v)          # transform projections (BSHD)
+    regions = control.regions(ctx)               # region labels -> masks, never dense N x N
+    downsample / window                          # ToDo K/V resampling, CLEAR local window
+    keys = control.capture(ctx)                  # key tokens whose probabilities to observe
+    out = control.attend(ctx, q, k, v, mask)     # replace the computation entirely (rare)
+    control.observe(ctx, probs)                  # receive the captured probabilities
+    out = control.output(ctx, out)               # post-process the attention output
+
+Between steps, `on_step_end` may update the latents (through `callback_on_step_end`), and
+`prepare_latents` may change the initial latents before the first step. Per-run state lives in
+`self.state`, which the controller re-creates at the start of every run (`reset`), so two runs
+never share state by accident.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .kernels.types import KVDownsample, LocalWindow, RegionMask
+from .layers import LayerInfo
+from .layout import BatchLayout
+from .selectors import ALL, ALL_STEPS, Select, Steps, as_steps
+
+if TYPE_CHECKING:
+    from .controller import Run
+
+
+PHASES = ("denoise", "guidance", "inversion")
+
+
+@dataclass
+class CallContext:
+    """Everything a control may read inside one attention call."""
+
+    layer: LayerInfo
+    attn: torch.nn.Module
+    step: int
+    num_steps: int | None
+    t: float  # normalised timestep in [0, 1] (1 = pure noise)
+    phase: str
+    layout: BatchLayout
+    grid: tuple[int, int]  # image token grid of this layer
+    image: slice  # image tokens in the query/key sequence
+    text: slice | None  # text tokens in the key sequence (cross / joint), None for self
+    hidden_states: torch.Tensor | None = None  # input to the q projection (after norms)
+    encoder_hidden_states: torch.Tensor | None = None
+    run: Run | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_image(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+class Control:
+    """Base class of every attention-control method (override only the hooks you need)."""
+
+    #: short name used by the CLI, the batch files and the app
+    name: str = "control"
+    #: passes this control joins by default
+    phases: tuple[str, ...] = ("denoise",)
+
+    def __init__(self, *, layers: Select | None = None, steps: Steps | range | tuple | None = None) -> None:
+        self.layers = layers if layers is not None else self.default_layers()
+        if not callable(self.layers):
+            raise ValueError(f"layers must be a Select, got {layers!r}")
+        self.steps = as_steps(steps) if steps is not None else self.default_steps()
+        self.state = SimpleNamespace()
+        self._selected: frozenset[str] | None = None
+
+    # --- configuration -----------------------------------------------------------------------
+    def default_layers(self) -> Select:
+        return ALL
+
+    def default_steps(self) -> Steps:
+        return ALL_STEPS
+
+    def options(self) -> dict[str, Any]:
+        """The constructor options of this control, for sidecars and exported JSON."""
+        out = {}
+        for pname in inspect.signature(type(self).__init__).parameters:
+            if pname in ("self", "layers", "steps"):
+                continue
+            if hasattr(self, pname):
+                out[pname] = _jsonable(getattr(self, pname))
+        return out
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def bind(self, run: Run) -> None:
+        """Resolve the layer selection on this model; then `setup` validates inputs."""
+        picked = self.layers.pick(run.registry) if isinstance(self.layers, Select) else [
+            i for i in run.registry if self.layers(i)
+        ]
+        self._selected = frozenset(i.name for i in picked)
+        self.setup(run)
+
+    def setup(self, run: Run) -> None:
+        """Check the inputs against the model and prompts (raise ValueError before denoising)."""
+
+    def reset(self) -> None:
+        """Fresh per-run state."""
+        self.state = SimpleNamespace()
+
+    def selects(self, layer: LayerInfo) -> bool:
+        if self._selected is None:
+            return bool(self.layers(layer))
+        return layer.name in self._selected
+
+    @property
+    def selected_layers(self) -> frozenset[str]:
+        return self._selected or frozenset()
+
+    def active(self, step: int, num_steps: int | None, phase: str) -> bool:
+        return phase in self.phases and self.steps.active(step, num_steps)
+
+    def begin_step(self, run: Run, step: int) -> None:
+        """Called once when a new denoising step starts (before its first forward)."""
+
+    # --- attention hooks ----------------------------------------------------------------------
+    def qkv(self, ctx: CallContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return q, k, v
+
+    def regions(self, ctx: CallContext) -> RegionMask | None:
+        return None
+
+    def downsample(self, ctx: CallContext) -> KVDownsample | None:
+        return None
+
+    def window(self, ctx: CallContext) -> LocalWindow | None:
+        return None
+
+    def capture(self, ctx: CallContext) -> torch.Tensor | None:
+        return None
+
+    def observe(self, ctx: CallContext, probs: torch.Tensor) -> None:
+        pass
+
+    def attend(
+        self, ctx: CallContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        return None
+
+    def output(self, ctx: CallContext, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    # --- between steps --------------------------------------------------------------------------
+    def prepare_latents(self, run: Run, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def on_step_end(self, run: Run, step: int, timestep, tensors: dict[str, torch.Tensor]) -> dict:
+        return {}
+
+    def records(self) -> dict[str, Any]:
+        """What this control recorded during the run (returned to the user)."""
+        return {}
+
+    # --- introspection --------------------------------------------------------------------------
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        return getattr(cls, hook) is not getattr(Control, hook)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    return repr(value)
+
+
+# Registry of control classes by name, for the CLI, batch files and the app.
+CONTROLS: dict[str, type[Control]] = {}
+
+
+def register(cls: type[Control]) -> type[Control]:
+    CONTROLS[cls.name] = cls
+    return cls
+
+
+def make_control(name: str, options: dict[str, Any] | None = None) -> Control:
+    """Build a control from its name and options, refusing unknown names and options by name."""
+    if name not in CONTROLS:
+        raise ValueError(f"unknown control {name!r}; available: {', '.join(sorted(CONTROLS))}")
+    cls = CONTROLS[name]
+    options = dict(options or {})
+    params = inspect.signature(cls.__init__).parameters
+    valid = [p for p in params if p != "self" and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise ValueError(
+            f"unknown option {unknown[0]!r} for control {name!r}; valid options: {', '.join(valid)}"
+        )
+    for key in ("steps",):
+        if key in options and isinstance(options[key], list):
+            options[key] = tuple(options[key])
+    if "layers" in options and isinstance(options["layers"], dict):
+        options["layers"] = Select(**options["layers"])
+    return cls(**options)
+
+
+__all__ = [
+    "CONTROLS",
+    "PHASES",
+    "CallContext",
+    "Control",
+    "KVDownsample",
+    "LocalWindow",
+    "RegionMask",
+    "make_control",
+    "register",
+]

@@ -1,0 +1,423 @@
+"""`attnedit.load` and `EditPipeline`, plus `apply` / `remove` / `controlled` for stock pipelines.
+
+`EditPipeline` wraps a stock diffusers pipeline (reachable as `.pipe`): each `generate` call
+installs the controls, runs the pipeline's own denoising loop, and puts the original processors
+back in a `finally` block, so the pipeline is exactly as it was afterwards, also when a control
+raised. Seeds are per image (one generator each), so an image never depends on its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .controller import Controller
+from .controls import Control
+from .families import FAMILIES, Family, family_from_class, family_of
+from .layout import BatchLayout
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_DIR = Path(os.environ.get("ATTNEDIT_MODELS", REPO_ROOT / "assets" / "models"))
+TINY_PREFIX = "tiny-"
+DEFAULT_MODEL = "tiny-sd"
+
+_LOAD_OPTIONS = ("variant", "revision", "local_files_only", "cache_dir", "token", "use_safetensors")
+
+
+# ------------------------------------------------------------------------------ stock pipelines
+def apply(pipe: Any, *controls: Control) -> Controller:
+    """Install attnedit with `controls` on a stock diffusers pipeline (undo with `remove`).
+
+    >>> ctrl = attnedit.apply(pipe, attnedit.AttentionStore())
+    >>> image = pipe("a cat and a dog").images[0]
+    >>> attnedit.remove(pipe)
+    """
+    return Controller(pipe, list(controls)).install()
+
+
+def remove(pipe: Any) -> None:
+    """Remove attnedit from `pipe`, restoring its original processors (no-op if not applied)."""
+    ctrl = getattr(pipe, "_attnedit_controller", None)
+    if ctrl is not None:
+        ctrl.remove()
+
+
+@contextmanager
+def controlled(pipe: Any, *controls: Control) -> Iterator[Controller]:
+    """`with attnedit.controlled(pipe, store) as ctrl: pipe(prompt)`; always restores `pipe`."""
+    ctrl = Controller(pipe, list(controls)).install()
+    try:
+        yield ctrl
+    finally:
+        ctrl.remove()
+
+
+# ------------------------------------------------------------------------------------ results
+@dataclass
+class Result:
+    """Images of one `generate` call plus what the controls recorded and every parameter."""
+
+    images: list[Image.Image]
+    records: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    latents: torch.Tensor | None = None
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+    def save(self, path: str | os.PathLike, index: int = 0) -> Path:
+        """Save image `index` as PNG plus a JSON sidecar (atomic writes: temp name, then rename)."""
+        return save_image(self.images[index], path, {**self.params, "index": index,
+                                                     "seed": self.params["seeds"][index]})
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        path = path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    side = path.with_suffix(".json")
+    tmp_side = side.with_name(f".{side.name}.tmp")
+    tmp_side.write_text(json.dumps(params, indent=2, default=str))
+    os.replace(tmp_side, side)
+    return path
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    from . import __version__
+
+    return {
+        "attnedit": __version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# -------------------------------------------------------------------------------------- loading
+def resolve_model(model: str | os.PathLike) -> tuple[str, Family | None]:
+    """Where `model` lives and its family: a bundled name, a tiny builtin, a folder or a hub id."""
+    name = str(model)
+    if name.startswith(TINY_PREFIX):
+        fam = name[len(TINY_PREFIX):]
+        if fam not in FAMILIES:
+            raise ValueError(f"unknown builtin model {name!r}; choose from "
+                             + ", ".join(TINY_PREFIX + f for f in FAMILIES))
+        return name, FAMILIES[fam]
+    bundled = BUNDLED_DIR / name
+    if "/" not in name and (bundled / "model_index.json").is_file():
+        name = str(bundled)
+    path = Path(name)
+    if path.exists():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        return str(path), _family_from_index(index)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = hf_hub_download(name, "model_index.json")
+        except Exception as err:  # offline, unknown repo, ...
+            raise ValueError(
+                f"cannot read model_index.json of {name!r} from the Hub ({type(err).__name__}); "
+                f"use a local folder, a bundled model ({', '.join(bundled_models()) or 'none'}) or "
+                + ", ".join(TINY_PREFIX + f for f in FAMILIES)
+            ) from err
+        return name, _family_from_index(Path(index))
+    raise ValueError(
+        f"model {name!r} is neither a folder, a hub id (owner/name), a bundled model "
+        f"({', '.join(bundled_models()) or 'none'}) nor a builtin ({', '.join(TINY_PREFIX + f for f in FAMILIES)})"
+    )
+
+
+def bundled_models() -> list[str]:
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "model_index.json").is_file())
+
+
+def _family_from_index(index: Path) -> Family:
+    data = json.loads(Path(index).read_text())
+    return family_from_class(str(data.get("_class_name")))
+
+
+def load(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    **kw: Any,
+) -> EditPipeline:
+    """Load a pipeline of a supported family and wrap it as an `EditPipeline`.
+
+    >>> pipe = attnedit.load("tiny-sd")              # or a folder, a hub id, "shapes-sd"
+    >>> result = pipe("a red circle", seed=0)
+    """
+    unknown = [k for k in kw if k not in _LOAD_OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown load option {unknown[0]!r}; valid options: {', '.join(_LOAD_OPTIONS)}")
+    dtype = _as_dtype(dtype)
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available on this machine")
+    if device is not None and device.type == "cpu" and dtype == torch.float16:
+        warnings.warn("float16 on the CPU is slow and not supported by every op; float32 is recommended",
+                      stacklevel=2)
+    where, family = resolve_model(model)
+    if where.startswith(TINY_PREFIX):
+        from .tiny import build_tiny
+
+        pipe = build_tiny(family.name)
+    else:
+        import diffusers
+
+        cls_name = json.loads(Path(where, "model_index.json").read_text())["_class_name"] if Path(
+            where).exists() else None
+        cls = getattr(diffusers, cls_name) if cls_name else diffusers.DiffusionPipeline
+        extra: dict[str, Any] = {}
+        if family.name == "sd":
+            extra.update(safety_checker=None, requires_safety_checker=False)
+        pipe = cls.from_pretrained(where, torch_dtype=dtype or torch.float32, **extra, **kw)
+        pipe.set_progress_bar_config(disable=True)
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    if device is not None:
+        pipe.to(device)
+    return EditPipeline(pipe, model_name=str(model))
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(names)}")
+    return names[dtype]
+
+
+# ------------------------------------------------------------------------------- EditPipeline
+class EditPipeline:
+    """A diffusers pipeline plus attention controls. `.pipe` is the untouched stock pipeline."""
+
+    def __init__(self, pipe: Any, model_name: str | None = None) -> None:
+        self.pipe = pipe
+        self.family: Family = family_of(pipe)
+        self.model_name = model_name or getattr(pipe, "name_or_path", type(pipe).__name__)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.family.denoiser)
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(getattr(self.pipe, "vae_scale_factor", 8))
+
+    @property
+    def pixel_stride(self) -> int:
+        """Image sizes must be multiples of this (latent factor x patch size)."""
+        patch = 2 if self.family.name in ("flux", "sd3", "pixart") else 1
+        if self.family.name in ("sd3", "pixart"):
+            patch = int(getattr(self.denoiser.config, "patch_size", 1))
+        return self.vae_scale_factor * patch
+
+    def default_size(self) -> tuple[int, int]:
+        """The model's native size: config sample_size x VAE factor (FLUX: 1024, tiny: 64)."""
+        if str(self.model_name).startswith(TINY_PREFIX):
+            return (64, 64)
+        size = getattr(self.denoiser.config, "sample_size", None)
+        if size is None:
+            return (1024, 1024)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return (size * self.vae_scale_factor, size * self.vae_scale_factor)
+
+    def call_defaults(self) -> dict[str, Any]:
+        """Family arguments every call needs (tiny builtins need short text sequences)."""
+        if str(self.model_name).startswith(TINY_PREFIX):
+            from .tiny import tiny_call_kwargs
+
+            return tiny_call_kwargs(self.family.name)
+        if self.family.name == "pixart":
+            return {"use_resolution_binning": False, "clean_caption": False}
+        return {}
+
+    def controller(self, controls: Sequence[Control]) -> Controller:
+        return Controller(self.pipe, list(controls))
+
+    def __call__(self, prompt: str | list[str], **kw: Any) -> Result:
+        return self.generate(prompt, **kw)
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        controls: Sequence[Control] = (),
+        seed: int | Sequence[int] = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images: int = 1,
+        layout: BatchLayout | None = None,
+        latents: torch.Tensor | None = None,
+        **pipe_kwargs: Any,
+    ) -> Result:
+        """Generate images with `controls` active; returns a `Result`.
+
+        `seed` is one int (image i gets seed + i) or one seed per image. Everything is validated
+        (sizes, words, control options) before any denoising starts.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a non-empty string or a list of strings")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        n = len(prompts) * num_images
+        seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds given for {n} images ({len(prompts)} prompts x {num_images})")
+        steps = int(steps) if steps is not None else self.default_steps()
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        guidance = float(guidance) if guidance is not None else self.family.default_guidance
+        dh, dw = self.default_size()
+        height, width = int(height or dh), int(width or dw)
+        stride = self.pixel_stride
+        if height % stride or width % stride or height <= 0 or width <= 0:
+            raise ValueError(
+                f"image size {height}x{width} is not a positive multiple of {stride} for this model; "
+                f"e.g. {max(stride, height // stride * stride)}x{max(stride, width // stride * stride)}"
+            )
+        call = {**self.call_defaults(), **pipe_kwargs}
+        cfg = guidance > 1.0 and self.family.name != "flux"
+        if layout is not None and layout.size != (2 * n if cfg else n):
+            raise ValueError(f"layout has {layout.size} rows, the batch has {2 * n if cfg else n}")
+        ctrl = Controller(self.pipe, list(controls))
+        params = {
+            "model": self.model_name,
+            "family": self.family.name,
+            "prompt": prompts if len(prompts) > 1 else prompts[0],
+            "negative_prompt": negative_prompt,
+            "seeds": seeds,
+            "steps": steps,
+            "guidance": guidance,
+            "height": height,
+            "width": width,
+            "num_images": num_images,
+            "controls": [{"name": c.name, **c.options()} for c in controls],
+            "versions": versions(),
+        }
+        for key, value in call.items():
+            if isinstance(value, (str, int, float, bool)):
+                params.setdefault(key, value)
+        ctrl.install()
+        self.pipe._attnedit_explicit_run = True
+        try:
+            self.pipe.scheduler.set_timesteps(steps)
+            run = ctrl.begin_run(
+                prompts,
+                num_images_per_prompt=num_images,
+                num_steps=steps,
+                height=height,
+                width=width,
+                cfg=cfg,
+                layout=layout,
+                max_sequence_length=call.get("max_sequence_length"),
+            )
+            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            if latents is None:
+                latents = self.initial_latents(n, height, width, generators)
+            for c in ctrl.controls:
+                if c.overrides("prepare_latents"):
+                    latents = c.prepare_latents(run, latents)
+            if any(c.overrides("on_step_end") for c in ctrl.controls):
+                if not self.family.supports_step_callback:
+                    raise ValueError(f"{self.family.label} pipelines have no step callback: latent-updating "
+                                     "controls cannot run on them")
+                call["callback_on_step_end"] = ctrl.step_callback
+                call["callback_on_step_end_tensor_inputs"] = ["latents"]
+            kwargs = dict(
+                prompt=prompts,
+                negative_prompt=_expand(negative_prompt, len(prompts)),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=height,
+                width=width,
+                num_images_per_prompt=num_images,
+                generator=generators,
+                latents=latents,
+                output_type="pil",
+                **call,
+            )
+            if negative_prompt is None:
+                kwargs.pop("negative_prompt")
+            out = self.pipe(**kwargs)
+            records = ctrl.records()
+        finally:
+            self.pipe._attnedit_explicit_run = False
+            del self.pipe._attnedit_explicit_run
+            ctrl.remove()
+        return Result(images=list(out.images), records=records, params=params)
+
+    def default_steps(self) -> int:
+        if str(self.model_name).startswith(TINY_PREFIX):
+            return 4
+        return self.family.default_steps
+
+    def initial_latents(self, n: int, height: int, width: int, generators: list[torch.Generator]) -> torch.Tensor:
+        """Per-image seeded initial latents in the layout the pipeline expects (packed for FLUX)."""
+        f = self.vae_scale_factor
+        if self.family.name == "flux":
+            ch = self.denoiser.config.in_channels // 4
+            h, w = 2 * (height // (f * 2)), 2 * (width // (f * 2))
+            noise = torch.stack([torch.randn((ch, h, w), generator=g) for g in generators])
+            packed = noise.view(n, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+            return packed.reshape(n, (h // 2) * (w // 2), ch * 4).to(self.device, self.dtype)
+        ch = self.denoiser.config.in_channels
+        noise = torch.stack([torch.randn((ch, height // f, width // f), generator=g) for g in generators])
+        return noise.to(self.device, self.dtype)  # the pipeline scales by init_noise_sigma itself
+
+    def save(self, result: Result, path: str | os.PathLike, index: int = 0) -> Path:
+        """Save image `index` of `result` as PNG with its JSON sidecar."""
+        return result.save(path, index)
+
+    def __repr__(self) -> str:
+        return f"EditPipeline({self.model_name!r}, family={self.family.name})"
+
+
+def _expand(value: str | list[str] | None, n: int) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"{len(value)} negative prompts for {n} prompts")
+    return list(value)

@@ -1,0 +1,273 @@
+"""The one attention entry point every attnedit control calls.
+
+`attention(q, k, v, ...)` takes BSHD tensors plus optional feature descriptions (region labels,
+ToDo K/V downsampling, a CLEAR local window, probability capture) and runs the best available
+backend: a registered fast backend (the Triton kernels) when it supports the case, else the
+PyTorch path (SDPA, or xformers when installed and the case is plain). Choice order:
+`use(...)` > env `ATTNEDIT_KERNELS` (torch|triton|auto) > auto.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .types import KVDownsample, LocalWindow, RegionMask
+
+_CHOICES = ("auto", "torch", "triton")
+_forced: str | None = None
+
+
+@dataclass
+class _Backend:
+    supports: Callable[..., bool]
+    run: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+_BACKENDS: dict[str, _Backend] = {}
+
+
+def register_backend(
+    name: str,
+    supports: Callable[..., bool],
+    run: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+) -> None:
+    """Register a fast backend (`supports(q, k, v, **features) -> bool`, `run(...) -> (out, probs)`)."""
+    _BACKENDS[name] = _Backend(supports, run)
+
+
+def use(name: str) -> None:
+    """Force the backend for this process: "torch", "triton" or "auto" (the default)."""
+    if name not in _CHOICES:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(_CHOICES)}")
+    global _forced
+    _forced = name
+
+
+@contextmanager
+def using(name: str):
+    """Context manager form of `use`, restoring the previous choice on exit."""
+    global _forced
+    previous = _forced
+    use(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def current() -> str:
+    """The backend choice in force ("auto", "torch" or "triton")."""
+    if _forced is not None:
+        return _forced
+    env = os.environ.get("ATTNEDIT_KERNELS", "auto").strip().lower() or "auto"
+    if env not in _CHOICES:
+        raise ValueError(f"ATTNEDIT_KERNELS={env!r} is not one of {', '.join(_CHOICES)}")
+    return env
+
+
+def _load_triton() -> _Backend | None:
+    if "triton" not in _BACKENDS:
+        try:
+            from . import triton_backend  # noqa: F401  (registers itself)
+        except ImportError:
+            return None
+    return _BACKENDS.get("triton")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    regions: RegionMask | None = None,
+    downsample: KVDownsample | None = None,
+    window: LocalWindow | None = None,
+    capture: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale [+ mask]) v on BSHD tensors, with optional features.
+
+    - `mask`: a dense bool (True = keep) or additive mask broadcastable to (B, H, Nq, Nk), as
+      diffusers passes it (legacy models' attention masks).
+    - `regions`: region labels (see `RegionMask`), O(N + M) memory in the fast backends.
+    - `downsample`: ToDo resampling of the image keys/values (see `KVDownsample`).
+    - `window`: CLEAR local attention (see `LocalWindow`).
+    - `capture`: a LongTensor of key indices; then `(out, probs)` is returned where `probs`
+      (B, Nq, len(capture)) are the head-averaged softmax probabilities of those keys, exact
+      (normalised over every key, masks included). With `downsample`, indices refer to the
+      resampled key sequence.
+    """
+    features: dict[str, Any] = dict(
+        scale=scale, mask=mask, regions=regions, downsample=downsample, window=window, capture=capture
+    )
+    choice = current()
+    if choice != "torch":
+        backend = _load_triton()
+        ok = backend is not None and q.is_cuda and backend.supports(q, k, v, **features)
+        if ok:
+            out, probs = backend.run(q, k, v, **features)
+            return out if capture is None else (out, probs)
+        if choice == "triton" and backend is None:
+            raise RuntimeError("attnedit.kernels.use('triton') was forced but Triton is not importable")
+    out, probs = torch_attention(q, k, v, **features)
+    return out if capture is None else (out, probs)
+
+
+# ----------------------------------------------------------------------------- PyTorch path
+
+
+def downsample_kv(x: torch.Tensor, spec: KVDownsample) -> torch.Tensor:
+    """Resample the image tokens of a BSHD tensor on their grid; other tokens are kept."""
+    h, w = spec.grid
+    fh, fw = spec.factor
+    if fh == 1 and fw == 1:
+        return x
+    b, _, nh, d = x.shape
+    start, end = spec.start, spec.start + h * w
+    img = x[:, start:end].reshape(b, h, w, nh * d).permute(0, 3, 1, 2)  # (B, C, h, w)
+    oh, ow = spec.out_grid
+    if spec.mode == "nearest":
+        ys = torch.arange(oh, device=x.device) * fh
+        xs = torch.arange(ow, device=x.device) * fw
+        small = img[:, :, ys][:, :, :, xs]
+    elif spec.mode == "nearest-exact":
+        ys = grid_centres(h, oh, x.device)
+        xs = grid_centres(w, ow, x.device)
+        small = img[:, :, ys][:, :, :, xs]
+    elif spec.mode == "avg":
+        small = F.avg_pool2d(
+            img.float(), (fh, fw), stride=(fh, fw), ceil_mode=True, count_include_pad=False
+        ).to(img.dtype)
+    elif spec.mode == "bilinear":
+        small = F.interpolate(img.float(), size=(oh, ow), mode="bilinear", align_corners=False)
+        small = small.to(img.dtype)
+    else:
+        raise ValueError(
+            f"unknown downsampling mode {spec.mode!r}; choose nearest, nearest-exact, avg or bilinear"
+        )
+    small = small.permute(0, 2, 3, 1).reshape(b, oh * ow, nh, d)
+    return torch.cat([x[:, :start], small, x[:, end:]], dim=1)
+
+
+def grid_centres(size: int, out: int, device: torch.device | None = None) -> torch.Tensor:
+    """Source index of each output cell for 'nearest-exact' on a ceil-divided grid.
+
+    Cell i covers [i*f, min((i+1)*f, size)); its centre token is the middle of that range, so
+    partial border cells pick a token that exists (torch's interpolate would pick floor((i+.5)*size/out)).
+    """
+    f = -(-size // out)
+    starts = torch.arange(out, device=device) * f
+    ends = torch.clamp(starts + f, max=size)
+    return (starts + ends - 1) // 2
+
+
+def window_mask(window: LocalWindow, n_q: int, n_k: int, device: torch.device) -> torch.Tensor:
+    """Dense (Nq, Nk) bool mask of a CLEAR local window (reference; small sizes)."""
+    h, w = window.grid
+    t = window.text_len
+    n_img = h * w
+    idx = torch.arange(n_img, device=device)
+    ys, xs = (idx // w).float(), (idx % w).float()
+    dist2 = (ys[:, None] - ys[None, :]) ** 2 + (xs[:, None] - xs[None, :]) ** 2
+    local = dist2 < float(window.radius) ** 2
+    full = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if window.text_first:
+        full[t : t + n_img, t : t + n_img] = local
+    else:
+        full[:n_img, :n_img] = local
+    return full
+
+
+def _combine_masks(
+    mask: torch.Tensor | None, extra: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Combine a bool `extra` (True = keep) with an optional bool/additive mask -> additive."""
+    neg = torch.finfo(dtype).min
+    bias = torch.zeros(extra.shape, dtype=dtype, device=extra.device).masked_fill(~extra, neg)
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, neg)
+    return (bias + mask.to(dtype)).clamp(min=neg)
+
+
+def torch_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    regions: RegionMask | None = None,
+    downsample: KVDownsample | None = None,
+    window: LocalWindow | None = None,
+    capture: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The PyTorch path: SDPA (or xformers) with masks materialised densely when needed."""
+    if downsample is not None:
+        k = downsample_kv(k, downsample)
+        v = downsample_kv(v, downsample)
+    n_q, n_k = q.shape[1], k.shape[1]
+    keep: torch.Tensor | None = None
+    if regions is not None:
+        keep = regions.dense()  # (B, 1, Nq, Nk)
+    if window is not None:
+        wmask = window_mask(window, n_q, n_k, q.device)[None, None]
+        keep = wmask if keep is None else keep & wmask
+    attn_mask = mask
+    if keep is not None:
+        attn_mask = _combine_masks(mask, keep, q.dtype)
+    if capture is None and attn_mask is None and _xformers is not None and q.is_cuda:
+        return _xformers.memory_efficient_attention(q, k, v, scale=scale), None
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale
+    ).transpose(1, 2)
+    # The output stays SDPA's (identical to an uncaptured call); captured probabilities come from
+    # explicit logits normalised over every key (autograd flows through them for guidance).
+    probs = _captured_probs(q, k, scale, attn_mask, capture) if capture is not None else None
+    if keep is not None:
+        # Rows with no allowed key: the additive finfo.min bias gives them a uniform softmax;
+        # the contract is zeros, for the output and the probabilities alike.
+        empty = ~keep.any(-1)  # (B|1, 1, Nq)
+        if bool(empty.any()):
+            out = out.masked_fill(empty.transpose(1, 2).unsqueeze(-1), 0.0)
+            if probs is not None:
+                probs = probs.masked_fill(empty.transpose(1, 2), 0.0)
+    return out, probs
+
+
+def _captured_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float | None,
+    attn_mask: torch.Tensor | None,
+    capture: torch.Tensor,
+) -> torch.Tensor:
+    """Head-averaged softmax probabilities (B, Nq, Nc) of the keys `capture`."""
+    d = q.shape[-1]
+    s = scale if scale is not None else d**-0.5
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * s
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    picked = logits[..., capture.to(logits.device)]
+    probs = torch.exp(picked - lse)
+    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows -> zeros
+    return probs.mean(dim=1)
+
+
+try:  # optional: xformers for plain attention on CUDA
+    import xformers.ops as _xformers  # type: ignore[import-not-found]
+except Exception:  # pragma: no cover - not installed on CPU machines
+    _xformers = None
