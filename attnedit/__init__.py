@@ -17,6 +17,18 @@ from .pipeline import EditPipeline, Result, apply, controlled, load, remove
 from .selectors import Select, Steps
 from .store import AttentionStore
 
+
+def __getattr__(name: str):
+    """Method controls (`attnedit.MasaCtrl`, `attnedit.ToDo`, ...) live in `attnedit.methods`,
+    one file each; they are imported on first use so `import attnedit` stays light."""
+    from .methods import exported
+
+    found = exported().get(name)
+    if found is None:
+        raise AttributeError(f"module 'attnedit' has no attribute {name!r}")
+    return found
+
+
 __all__ = [
     "CONTROLS",
     "AttentionStore",

@@ -53,7 +53,9 @@ class BatchLayout:
         return [
             i
             for i, r in enumerate(self.rows)
-            if (cfg is None or r.cfg == cfg) and (role is None or r.role == role) and (group is None or r.group == group)
+            if (cfg is None or r.cfg == cfg)
+            and (role is None or r.role == role)
+            and (group is None or r.group == group)
         ]
 
     def cond_rows(self) -> list[int]:

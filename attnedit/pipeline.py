@@ -32,6 +32,11 @@ TINY_PREFIX = "tiny-"
 DEFAULT_MODEL = "tiny-sd"
 
 _LOAD_OPTIONS = ("variant", "revision", "local_files_only", "cache_dir", "token", "use_safetensors")
+# attnedit adapters loaded after the pipeline: option -> (module, function(edit_pipe, path))
+_ADAPTERS = {
+    "clear": ("attnedit.methods.clear", "load_adapter"),
+    "concepts": ("attnedit.methods.attencraft", "load_concepts"),
+}
 
 
 # ------------------------------------------------------------------------------ stock pipelines
@@ -172,9 +177,11 @@ def load(
     >>> pipe = attnedit.load("tiny-sd")              # or a folder, a hub id, "shapes-sd"
     >>> result = pipe("a red circle", seed=0)
     """
+    adapters = {k: kw.pop(k) for k in list(kw) if k in _ADAPTERS and kw[k] is not None}
     unknown = [k for k in kw if k not in _LOAD_OPTIONS]
     if unknown:
-        raise ValueError(f"unknown load option {unknown[0]!r}; valid options: {', '.join(_LOAD_OPTIONS)}")
+        valid = (*_LOAD_OPTIONS, *_ADAPTERS)
+        raise ValueError(f"unknown load option {unknown[0]!r}; valid options: {', '.join(valid)}")
     dtype = _as_dtype(dtype)
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
@@ -202,7 +209,17 @@ def load(
         pipe.to(dtype=dtype)
     if device is not None:
         pipe.to(device)
-    return EditPipeline(pipe, model_name=str(model))
+    edit = EditPipeline(pipe, model_name=str(model))
+    for option, path in adapters.items():
+        import importlib
+
+        module, func = _ADAPTERS[option]
+        try:
+            loader = getattr(importlib.import_module(module), func)
+        except (ModuleNotFoundError, AttributeError) as err:
+            raise ValueError(f"load option {option!r} is not available in this attnedit build") from err
+        loader(edit, path)
+    return edit
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -386,6 +403,24 @@ class EditPipeline:
             del self.pipe._attnedit_explicit_run
             ctrl.remove()
         return Result(images=list(out.images), records=records, params=params)
+
+    def invert(self, image: Any, prompt: str = "", steps: int = 50, **kw: Any):
+        """Invert a real image into initial noise (DDIM for UNets, Euler for flow models).
+
+        See `attnedit.inversion.invert`; returns the inverted latent and every intermediate one.
+        """
+        from .inversion import invert
+
+        return invert(self, image, prompt=prompt, steps=steps, **kw)
+
+    def edit(self, image: Any, source_prompt: str, target_prompt: str, **kw: Any) -> Result:
+        """Edit a real image: invert it, then denoise source and target with a control (MasaCtrl).
+
+        See `attnedit.inversion.edit`.
+        """
+        from .inversion import edit
+
+        return edit(self, image, source_prompt, target_prompt, **kw)
 
     def default_steps(self) -> int:
         if str(self.model_name).startswith(TINY_PREFIX):

@@ -1,0 +1,1 @@
+"""Training recipes that produce attnedit adapters (AttenCraft concepts, CLEAR students)."""
