@@ -109,7 +109,9 @@ def attention(
         scale=scale, mask=mask, regions=regions, downsample=downsample, window=window, capture=capture
     )
     choice = current()
-    if choice != "torch":
+    # Import Triton only when it can run (CUDA) or was forced: importing it on CPU is slow and
+    # would decorate the kernels before a test can set TRITON_INTERPRET.
+    if choice != "torch" and (q.is_cuda or choice == "triton"):
         backend = _load_triton()
         ok = backend is not None and q.is_cuda and backend.supports(q, k, v, **features)
         if ok:
