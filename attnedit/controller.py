@@ -271,9 +271,24 @@ class Controller:
             self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
             self.image_grid = (self.latent_hw[0] // p, self.latent_hw[1] // p)
             self.text_len = int(ehs.shape[1]) if ehs is not None else 0
+        if self.timestep is None and self._forced_step is None:
+            self._check_processors()
         self._track_step(t_val)
         self._set_layout(int(sample.shape[0]))
         return None
+
+    def _check_processors(self) -> None:
+        """Refuse to run when something replaced attnedit's processors after `apply`."""
+        for key, proc in self.denoiser.attn_processors.items():
+            name = key[: -len(".processor")]
+            if name in self.registry.layers and not (
+                isinstance(proc, AttnEditProcessor) and proc.controller is self
+            ):
+                raise RuntimeError(
+                    f"the attention processor of {name} was replaced by {type(proc).__name__} after "
+                    "attnedit.apply (enable_attention_slicing, set_default_attn_processor, load_ip_adapter and "
+                    "enable_xformers_memory_efficient_attention do this); call attnedit.remove(pipe) and apply again"
+                )
 
     def _track_step(self, t_val: float) -> None:
         """Step index = position of the timestep in the schedule (by value, not by call count)."""

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny pipelines of every family, built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Every tiny pipeline saved with save_pretrained into one folder per family."""
+    from attnedit.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    for fam in FAMILIES:
+        build_tiny(fam).save_pretrained(root / fam)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
