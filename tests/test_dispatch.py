@@ -1,0 +1,87 @@
+"""The PyTorch path of the attention dispatch on hand-built inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnedit import kernels
+from attnedit.kernels.dispatch import downsample_kv, grid_centres, window_mask
+from attnedit.kernels.types import KVDownsample, LocalWindow, RegionMask
+
+
+def _ref(q, k, v, keep=None):
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    p = torch.nan_to_num(torch.softmax(logits, -1))
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), p
+
+
+def test_capture_is_exact_and_output_unchanged():
+    q, k, v = (torch.randn(2, 7, 3, 8) for _ in range(3))
+    plain = kernels.attention(q, k, v)
+    out, probs = kernels.attention(q, k, v, capture=torch.tensor([0, 4, 5]))
+    assert torch.equal(out, plain)
+    _, p = _ref(q, k, v)
+    assert torch.allclose(probs, p.mean(1)[..., [0, 4, 5]], atol=1e-6)
+    _, every = kernels.attention(q, k, v, capture=torch.arange(7))
+    assert torch.allclose(every.sum(-1), torch.ones(2, 7), atol=1e-5)
+
+
+def test_regions_match_dense_mask_and_empty_rows_are_zero():
+    q, k, v = (torch.randn(1, 6, 2, 4) for _ in range(3))
+    ql = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    kl = torch.tensor([[0, 1, 1, 2, 2, 2]])
+    allowed = torch.tensor([[True, False, False], [True, True, False], [False, False, False]])
+    regions = RegionMask(ql, kl, allowed)
+    keep = regions.dense()
+    assert keep.shape == (1, 1, 6, 6)
+    assert keep[0, 0, 0].tolist() == [True, False, False, False, False, False]
+    assert keep[0, 0, 2].tolist() == [True, True, True, False, False, False]
+    out, probs = kernels.attention(q, k, v, regions=regions, capture=torch.arange(6))
+    ref, p = _ref(q, k, v, keep)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.allclose(probs, p.mean(1), atol=1e-6)
+    assert torch.all(out[:, 4:] == 0) and torch.all(probs[:, 4:] == 0)  # label 2 may attend nothing
+
+
+def test_downsample_nearest_exact_on_odd_grid():
+    grid = (5, 7)
+    x = torch.arange(35, dtype=torch.float32).view(1, 35, 1, 1)
+    spec = KVDownsample(grid=grid, factor=(2, 2), mode="nearest-exact")
+    assert spec.out_grid == (3, 4)
+    out = downsample_kv(x, spec).view(3, 4)
+    ys, xs = grid_centres(5, 3), grid_centres(7, 4)
+    assert ys.tolist() == [0, 2, 4] and xs.tolist() == [0, 2, 4, 6]
+    assert out[1, 2].item() == 2 * 7 + 4
+    avg = downsample_kv(x, KVDownsample(grid=grid, factor=(2, 2), mode="avg")).view(3, 4)
+    assert avg[0, 0].item() == pytest.approx((0 + 1 + 7 + 8) / 4)
+    assert avg[2, 3].item() == pytest.approx(34.0)  # partial border cell: mean of valid tokens only
+    text = torch.full((1, 3, 1, 1), -1.0)
+    joined = downsample_kv(torch.cat([text, x], 1), KVDownsample(grid=grid, factor=(2, 2), start=3))
+    assert joined.shape[1] == 3 + 12 and torch.all(joined[:, :3] == -1)
+
+
+def test_window_mask_text_global_and_radius_strict():
+    w = LocalWindow(grid=(3, 4), radius=1.0, text_len=2, text_first=True)
+    m = window_mask(w, 14, 14, torch.device("cpu"))
+    assert m[:2].all() and m[:, :2].all()
+    img = m[2:, 2:]
+    assert img.diagonal().all() and img.sum() == 12  # radius 1, strict: only the token itself
+    w2 = LocalWindow(grid=(3, 4), radius=1.5, text_len=0)
+    assert window_mask(w2, 12, 12, torch.device("cpu"))[5].sum() == 9  # interior token: 3x3 block
+    q, k, v = (torch.randn(1, 14, 2, 4) for _ in range(3))
+    out = kernels.attention(q, k, v, window=w)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=m).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_backend_choice():
+    assert kernels.current() in ("auto", "torch", "triton")
+    with kernels.using("torch"):
+        assert kernels.current() == "torch"
+    with pytest.raises(ValueError, match="choose one of auto, torch, triton"):
+        kernels.use("cuda")
