@@ -240,6 +240,8 @@ class EditPipeline:
         self.pipe = pipe
         self.family: Family = family_of(pipe)
         self.model_name = model_name or getattr(pipe, "name_or_path", type(pipe).__name__)
+        # controls every `generate` runs first (set by adapters, e.g. a loaded CLEAR student's window)
+        self.default_controls: list[Control] = []
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -312,6 +314,7 @@ class EditPipeline:
         `seed` is one int (image i gets seed + i) or one seed per image. Everything is validated
         (sizes, words, control options) before any denoising starts.
         """
+        controls = [*self.default_controls, *controls]
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a non-empty string or a list of strings")
