@@ -93,6 +93,8 @@ class Controller:
         self._saved_processors: dict[str, Any] = {}
         self._handles: list[Any] = []
         self._encode_wrapped = False
+        self._cache_wrapped = False
+        self._pass_name: str | None = None
         self._check_conflicts()
 
     # ----------------------------------------------------------------------------- install/remove
@@ -114,6 +116,10 @@ class Controller:
                 for parent in {n.split(".transformer_blocks.")[0] for n in self.registry.layers}:
                     module = self.denoiser.get_submodule(parent)
                     self._handles.append(module.register_forward_pre_hook(self._grid_hook(parent)))
+            if hasattr(self.denoiser, "cache_context") and "cache_context" not in vars(self.denoiser):
+                # FLUX runs true-CFG's uncond pass as a separate forward under cache_context("uncond")
+                self.denoiser.cache_context = self._wrap_cache_context(self.denoiser.cache_context)
+                self._cache_wrapped = True
             if hasattr(self.pipe, "encode_prompt") and "encode_prompt" not in vars(self.pipe):
                 self.pipe.encode_prompt = self._wrap_encode(self.pipe.encode_prompt)
                 self._encode_wrapped = True
@@ -137,6 +143,9 @@ class Controller:
         if self._encode_wrapped:
             del self.pipe.encode_prompt
             self._encode_wrapped = False
+        if self._cache_wrapped:
+            del self.denoiser.__dict__["cache_context"]
+            self._cache_wrapped = False
         if getattr(self.pipe, "_attnedit_controller", None) is self:
             del self.pipe._attnedit_controller
         self._installed = False
@@ -224,6 +233,18 @@ class Controller:
             return original(*args, **kwargs)
 
         return encode_prompt
+
+    def _wrap_cache_context(self, original):
+        @contextmanager
+        def cache_context(name: str, **kwargs):
+            previous, self._pass_name = self._pass_name, name
+            try:
+                with original(name, **kwargs):
+                    yield
+            finally:
+                self._pass_name = previous
+
+        return cache_context
 
     def _start_stock_run(self) -> None:
         info = self._pending_prompts or {}
@@ -340,7 +361,8 @@ class Controller:
                 cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and self.family.name != "flux"
             if cfg and batch % 2:
                 cfg = False
-            layout = BatchLayout.standard(batch // 2 if cfg else batch, cfg)
+            only = "uncond" if self._pass_name == "uncond" else None
+            layout = BatchLayout.standard(batch // 2 if cfg else batch, cfg, cfg_only=only)
         if layout.size != batch:
             raise ValueError(
                 f"the batch layout describes {layout.size} rows but the denoiser received {batch}; "

@@ -336,6 +336,15 @@ class EditPipeline:
                 f"image size {height}x{width} is not a positive multiple of {stride} for this model; "
                 f"e.g. {max(stride, height // stride * stride)}x{max(stride, width // stride * stride)}"
             )
+        self._check_devices()
+        if latents is not None:
+            expected = self.latent_shape(n, height, width)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {expected} for {n} image(s) "
+                                 f"of {height}x{width}")
+            if latents.device != self.device or latents.dtype != self.dtype:
+                raise ValueError(f"latents are {latents.dtype} on {latents.device}; the model is {self.dtype} on "
+                                 f"{self.device}")
         call = {**self.call_defaults(), **pipe_kwargs}
         cfg = guidance > 1.0 and self.family.name != "flux"
         if layout is not None and layout.size != (2 * n if cfg else n):
@@ -429,6 +438,27 @@ class EditPipeline:
         if str(self.model_name).startswith(TINY_PREFIX):
             return 4
         return self.family.default_steps
+
+    def _check_devices(self) -> None:
+        """All model components on one device (unless diffusers' offload hooks manage them)."""
+        devices = {}
+        for name, comp in self.pipe.components.items():
+            if isinstance(comp, torch.nn.Module) and not hasattr(comp, "_hf_hook"):
+                p = next(comp.parameters(), None)
+                if p is not None:
+                    devices[name] = p.device
+        if len({d.type + str(d.index) for d in devices.values()}) > 1:
+            listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
+            raise ValueError(f"pipeline components are on different devices ({listing}); move them with "
+                             "pipe.to(device) or use enable_model_cpu_offload()")
+
+    def latent_shape(self, n: int, height: int, width: int) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        if self.family.name == "flux":
+            ch = self.denoiser.config.in_channels // 4
+            h, w = 2 * (height // (f * 2)), 2 * (width // (f * 2))
+            return (n, (h // 2) * (w // 2), ch * 4)
+        return (n, self.denoiser.config.in_channels, height // f, width // f)
 
     def initial_latents(self, n: int, height: int, width: int, generators: list[torch.Generator]) -> torch.Tensor:
         """Per-image seeded initial latents in the layout the pipeline expects (packed for FLUX)."""

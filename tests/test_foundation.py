@@ -106,6 +106,15 @@ def test_dit_grids_nonsquare(family):
     assert {c["grid"] for c in rec.state.calls} == {(64 // stride, 96 // stride)}
 
 
+def test_flux_true_cfg_uncond_pass_is_labelled():
+    ep = attnedit.load("tiny-flux")
+    rec = Recorder()
+    ep.generate("a red cube", controls=[rec], steps=2, negative_prompt="blurry", true_cfg_scale=2.0)
+    labels = {tuple(c["rows"]) for c in rec.state.calls}
+    assert labels == {("cond",), ("uncond",)}
+    assert sorted({c["step"] for c in rec.state.calls}) == [0, 1]
+
+
 @pytest.mark.parametrize("guidance, cfg", [(5.0, True), (1.0, False)])
 def test_step_tracking_by_timestep(guidance, cfg):
     ep = attnedit.load("tiny-sd")
@@ -228,6 +237,16 @@ def test_bad_generate_inputs():
         attnedit.make_control("store", {"wrds": ["cube"]})
     with pytest.raises(ValueError, match="unknown control 'nope'"):
         attnedit.make_control("nope", {})
+    with pytest.raises(ValueError, match=r"latents have shape \(1, 4, 9, 8\), expected \(1, 4, 8, 8\)"):
+        ep.generate("a cube", latents=torch.zeros(1, 4, 9, 8))
+    with pytest.raises(ValueError, match="latents are torch.float64"):
+        ep.generate("a cube", latents=torch.zeros(1, 4, 8, 8, dtype=torch.float64))
+    ep.pipe.text_encoder.to(torch.device("meta"))
+    try:
+        with pytest.raises(ValueError, match="pipeline components are on different devices"):
+            ep.generate("a cube")
+    finally:
+        ep.pipe.text_encoder.to_empty(device="cpu")
 
 
 def test_long_prompt_warns_with_cut_text():
