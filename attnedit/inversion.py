@@ -1,0 +1,394 @@
+"""Real-image inversion and editing: DDIM inversion (UNets), Euler inversion (flow-matching DiTs).
+
+`invert` maps an image to the initial noise that regenerates it, recording every intermediate
+latent. `edit` then denoises a source and target(s) from that noise with a control (MasaCtrl by
+default) while the source branch is pinned to the recorded inversion trajectory after every step
+(the MasaCtrl maintainers' advice for reproducing the paper, TencentARC/MasaCtrl issues #32, #35),
+so the source reconstructs the input and the target reads its keys/values.
+
+Choices (see specs/masactrl.md):
+- Inversion runs with guidance 1 by default: with the paper's empty prompt, CFG 7.5 gives the
+  same result at twice the cost (uncond = cond).
+- UNet inversion and the edit both use a DDIM scheduler built from the pipeline's scheduler
+  config (swapped in for the edit and put back afterwards), so the trajectories match exactly.
+  epsilon and v-prediction models are supported; others raise.
+- DiTs (SD3, FLUX): the exact reverse of the flow-matching Euler sampler on the pipeline's own
+  sigma schedule, with the velocity evaluated at the latent being inverted.
+- Input images: not RGB -> converted (with a warning); a size that is not a multiple of the
+  model's stride -> resized to the nearest multiple (`fit="resize"`, default) or padded at the
+  right/bottom by edge replication (`fit="pad"`), with a warning saying which.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .controls import Control
+from .layout import BatchLayout
+
+_FITS = ("resize", "pad")
+
+
+@dataclass
+class Inversion:
+    """What `invert` returns (unpacks as `latent, latents = inversion`).
+
+    - `latent`: the inverted noise, in the pipeline's latent format (packed for FLUX).
+    - `latents`: every latent of the trajectory, clean first: `latents[0]` is the encoded image,
+      `latents[j]` the latent after j inversion steps, `latents[-1] is latent`.
+    - `timesteps`: the sampling schedule (descending) the trajectory belongs to; denoising step i
+      from `latents[-1 - i]` lands on `latents[-2 - i]`.
+    """
+
+    latent: torch.Tensor
+    latents: list[torch.Tensor]
+    timesteps: torch.Tensor
+    prompt: str
+    steps: int
+    height: int
+    width: int
+    image: Image.Image
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter((self.latent, self.latents))
+
+
+# ----------------------------------------------------------------------------------- images
+def prepare_image(image: Any, stride: int, fit: str = "resize") -> tuple[Image.Image, list[str]]:
+    """Load/convert `image` to an RGB PIL image whose sides are multiples of `stride`."""
+    if fit not in _FITS:
+        raise ValueError(f"fit must be one of {', '.join(_FITS)}, got {fit!r}")
+    notes: list[str] = []
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"image file {str(path)!r} does not exist")
+        image = Image.open(path)
+        image.load()
+    elif isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+        image = Image.fromarray(arr)
+    elif isinstance(image, torch.Tensor):
+        t = image.detach().float().cpu()
+        if t.dim() == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() == 3 and t.shape[0] in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        if float(t.min()) < 0:
+            t = (t + 1) / 2
+        image = Image.fromarray((t.clamp(0, 1).numpy() * 255).round().astype(np.uint8).squeeze())
+    if not isinstance(image, Image.Image):
+        raise ValueError(
+            f"image must be a PIL image, a file path, a numpy array or a tensor, got {type(image).__name__}"
+        )
+    if image.mode != "RGB":
+        notes.append(f"image mode {image.mode} converted to RGB")
+        image = image.convert("RGB")
+    w, h = image.size
+    if w % stride or h % stride:
+        if fit == "resize":
+            nw, nh = max(stride, round(w / stride) * stride), max(stride, round(h / stride) * stride)
+            image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+            notes.append(f"image resized from {w}x{h} to {nw}x{nh} (W x H): sides must be multiples of {stride}")
+        else:
+            nw, nh = math.ceil(w / stride) * stride, math.ceil(h / stride) * stride
+            arr = np.asarray(image)
+            arr = np.pad(arr, ((0, nh - h), (0, nw - w), (0, 0)), mode="edge")
+            image = Image.fromarray(arr)
+            notes.append(f"image padded from {w}x{h} to {nw}x{nh} (W x H, edge pixels repeated at the right/bottom): "
+                         f"sides must be multiples of {stride}")
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    return image, notes
+
+
+@torch.no_grad()
+def encode_image(edit_pipe, image: Image.Image) -> torch.Tensor:
+    """VAE posterior mean of `image`, scaled (and shifted, packed) like the pipeline's latents."""
+    pipe = edit_pipe.pipe
+    vae = pipe.vae
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    x = x.to(vae.device, vae.dtype)
+    lat = vae.encode(x).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    lat = (lat - shift) * vae.config.scaling_factor
+    lat = lat.to(edit_pipe.device, edit_pipe.dtype)
+    if edit_pipe.family.name == "flux":
+        b, c, h, w = lat.shape
+        lat = pipe._pack_latents(lat, b, c, h, w)
+    return lat
+
+
+# -------------------------------------------------------------------------------- schedules
+def ddim_scheduler(edit_pipe):
+    """A DDIM scheduler with the pipeline's noise schedule (the pipeline's own if it is DDIM)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(edit_pipe.pipe.scheduler.config)
+
+
+def _flow_schedule(edit_pipe, steps: int, height: int, width: int):
+    """A copy of the pipeline's flow scheduler set to the sigmas its own call would use."""
+    pipe = edit_pipe.pipe
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    module = inspect.getmodule(type(pipe))
+    calc = getattr(module, "calculate_shift", None)
+    f = edit_pipe.vae_scale_factor
+    if edit_pipe.family.name == "flux":
+        seq = (height // (f * 2)) * (width // (f * 2))
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        if getattr(sched.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calc(seq, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
+                  sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15))
+        kwargs = {"mu": mu} if sigmas is None else {"sigmas": sigmas, "mu": mu}
+        sched.set_timesteps(num_inference_steps=None if sigmas is not None else steps, **kwargs)
+    else:
+        kwargs = {}
+        if sched.config.get("use_dynamic_shifting", None):
+            patch = int(edit_pipe.denoiser.config.patch_size)
+            seq = (height // f // patch) * (width // f // patch)
+            kwargs["mu"] = calc(seq, sched.config.get("base_image_seq_len", 256),
+                                sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                                sched.config.get("max_shift", 1.16))
+        sched.set_timesteps(steps, **kwargs)
+    return sched
+
+
+# ---------------------------------------------------------------------------- model calls
+class _Denoiser:
+    """The denoiser conditioned on one prompt (no CFG unless `guidance > 1`), per family."""
+
+    def __init__(self, edit_pipe, prompt: str, guidance: float, height: int, width: int, negative_prompt: str = ""):
+        self.ep = edit_pipe
+        self.guidance = guidance
+        pipe, fam, dev = edit_pipe.pipe, edit_pipe.family.name, edit_pipe.device
+        call = edit_pipe.call_defaults()
+        cfg = guidance > 1.0 and fam != "flux"
+        self.cfg = cfg
+        self.extra: dict[str, Any] = {}
+        if fam == "sd":
+            pe, ne = pipe.encode_prompt(prompt, dev, 1, cfg, negative_prompt if cfg else None)
+            self.ctx = torch.cat([ne, pe]) if cfg else pe
+        elif fam == "sdxl":
+            pe, ne, pp, npool = pipe.encode_prompt(prompt, device=dev, num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=cfg,
+                                                   negative_prompt=negative_prompt if cfg else None)
+            proj = int(pp.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+            ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
+                                         text_encoder_projection_dim=proj).to(dev)
+            self.ctx = torch.cat([ne, pe]) if cfg else pe
+            pooled = torch.cat([npool, pp]) if cfg else pp
+            self.extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.repeat(pooled.shape[0], 1)}
+        elif fam == "sd3":
+            msl = call.get("max_sequence_length", 256)
+            pe, ne, pp, npool = pipe.encode_prompt(prompt, None, None, device=dev, num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=cfg,
+                                                   negative_prompt=negative_prompt if cfg else None,
+                                                   max_sequence_length=msl)
+            self.ctx = torch.cat([ne, pe]) if cfg else pe
+            self.extra["pooled_projections"] = torch.cat([npool, pp]) if cfg else pp
+        elif fam == "flux":
+            msl = call.get("max_sequence_length", 512)
+            pe, pp, text_ids = pipe.encode_prompt(prompt, None, device=dev, num_images_per_prompt=1,
+                                                  max_sequence_length=msl)
+            f = edit_pipe.vae_scale_factor
+            img_ids = pipe._prepare_latent_image_ids(1, height // (f * 2), width // (f * 2), dev, pe.dtype)
+            self.ctx = pe
+            self.extra.update(pooled_projections=pp, txt_ids=text_ids, img_ids=img_ids)
+            if getattr(edit_pipe.denoiser.config, "guidance_embeds", False):
+                self.extra["guidance"] = torch.full([1], float(guidance), device=dev, dtype=torch.float32)
+        else:
+            raise ValueError(f"inversion is not available for {edit_pipe.family.label} pipelines; "
+                             "supported: Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX")
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        fam = self.ep.family.name
+        den = self.ep.denoiser
+        xin = torch.cat([x, x]) if self.cfg else x
+        if fam in ("sd", "sdxl"):
+            out = den(xin, t, encoder_hidden_states=self.ctx, return_dict=False, **self.extra)[0]
+        elif fam == "sd3":
+            out = den(hidden_states=xin, timestep=t.expand(xin.shape[0]), encoder_hidden_states=self.ctx,
+                      return_dict=False, **self.extra)[0]
+        else:  # flux: the transformer takes sigma (timestep / 1000)
+            out = den(hidden_states=xin, timestep=(t / 1000).expand(xin.shape[0]).to(xin.dtype),
+                      encoder_hidden_states=self.ctx, return_dict=False, **self.extra)[0]
+        if self.cfg:
+            u, c = out.chunk(2)
+            out = u + self.guidance * (c - u)
+        return out
+
+
+# -------------------------------------------------------------------------------- inversion
+def invert(
+    edit_pipe,
+    image: Any,
+    prompt: str = "",
+    steps: int = 50,
+    *,
+    guidance: float = 1.0,
+    fit: str = "resize",
+    negative_prompt: str = "",
+) -> Inversion:
+    """Invert `image` into the initial noise of a `steps`-step generation with `prompt`.
+
+    DDIM inversion for UNet models (x_{t} = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps(x_prev, t), with
+    x0_hat from the previous level), the reverse Euler sampler for flow-matching DiTs. Returns an
+    `Inversion` with the inverted latent and every intermediate latent.
+    """
+    if not isinstance(prompt, str):
+        raise ValueError("the inversion prompt must be one string")
+    steps = int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    fam = edit_pipe.family.name
+    if fam not in ("sd", "sdxl", "sd3", "flux"):
+        raise ValueError(f"inversion is not available for {edit_pipe.family.label} pipelines; "
+                         "supported: Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX")
+    img, notes = prepare_image(image, edit_pipe.pixel_stride, fit)
+    width, height = img.size
+    x = encode_image(edit_pipe, img)
+    model = _Denoiser(edit_pipe, prompt, guidance, height, width, negative_prompt)
+    trajectory = [x]
+    with torch.no_grad():
+        if edit_pipe.family.arch == "unet":
+            sched = ddim_scheduler(edit_pipe)
+            sched.set_timesteps(steps)
+            ptype = sched.config.prediction_type
+            if ptype not in ("epsilon", "v_prediction"):
+                raise ValueError(f"DDIM inversion supports epsilon and v_prediction models, not {ptype!r}")
+            alphas = sched.alphas_cumprod.to(torch.float64)
+            ratio = sched.config.num_train_timesteps // sched.num_inference_steps
+            for t in sched.timesteps.flip(0):
+                ti = int(t)
+                prev = ti - ratio
+                a_prev = float(alphas[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
+                a_t = float(alphas[ti])
+                out = model(x, t.to(edit_pipe.device)).to(torch.float64)
+                xd = x.to(torch.float64)
+                if ptype == "epsilon":
+                    eps = out
+                    x0 = (xd - math.sqrt(1 - a_prev) * eps) / math.sqrt(a_prev)
+                else:  # v-prediction, read as if x were at level t (what the sampler will assume)
+                    x0 = math.sqrt(a_t) * xd - math.sqrt(1 - a_t) * out
+                    eps = math.sqrt(a_t) * out + math.sqrt(1 - a_t) * xd
+                x = (math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps).to(trajectory[0].dtype)
+                trajectory.append(x)
+            timesteps = sched.timesteps.clone()
+        else:
+            sched = _flow_schedule(edit_pipe, steps, height, width)
+            sigmas = sched.sigmas.to(torch.float64)  # descending, last 0
+            ts = sched.timesteps
+            for i in range(len(ts) - 1, -1, -1):
+                # forward: x_{i+1} = x_i + (s_{i+1} - s_i) v(x_i, t_i); reverse it from x_{i+1}
+                v = model(x, ts[i].to(edit_pipe.device)).to(torch.float64)
+                x = (x.to(torch.float64) - (sigmas[i + 1] - sigmas[i]) * v).to(trajectory[0].dtype)
+                trajectory.append(x)
+            timesteps = ts.clone()
+    return Inversion(latent=x, latents=trajectory, timesteps=timesteps.cpu(), prompt=prompt, steps=steps,
+                     height=height, width=width, image=img, notes=notes)
+
+
+# ------------------------------------------------------------------------------------ editing
+class FollowTrajectory(Control):
+    """Pins the source rows' latents to a recorded inversion trajectory after every step."""
+
+    name = "follow_trajectory"
+    phases = ("denoise",)
+
+    def __init__(self, inversion: Inversion, samples: Sequence[int]) -> None:
+        self.inversion = inversion
+        self.samples = list(samples)
+        super().__init__()
+
+    def options(self) -> dict[str, Any]:
+        return {"samples": self.samples, "steps": self.inversion.steps}
+
+    def on_step_end(self, run, step: int, timestep, tensors: dict[str, torch.Tensor]) -> dict:
+        inv = self.inversion
+        expected = float(inv.timesteps[step])
+        got = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        if abs(expected - got) > 1e-3 * max(1.0, abs(expected)):
+            raise RuntimeError(f"step {step}: the sampler is at timestep {got}, the inversion recorded {expected}")
+        latents = tensors["latents"].clone()
+        target = inv.latents[-2 - step].to(latents.device, latents.dtype)
+        latents[self.samples] = target
+        return {"latents": latents}
+
+
+def edit(
+    edit_pipe,
+    image: Any,
+    source_prompt: str,
+    target_prompt: str | Sequence[str],
+    control: Control | None = None,
+    *,
+    controls: Sequence[Control] = (),
+    steps: int = 50,
+    guidance: float | None = None,
+    inversion: Inversion | None = None,
+    inversion_prompt: str = "",
+    follow_source: bool = True,
+    fit: str = "resize",
+    **kw: Any,
+):
+    """Edit a real image: invert it, then denoise `[source, target(s)]` from the inverted noise.
+
+    `control` defaults to `MasaCtrl()`; `follow_source` pins the source branch to the inversion
+    trajectory (on by default); pass a precomputed `inversion` to reuse it. Returns a `Result`
+    with the source reconstruction first, then the edited target(s); `records["inversion"]`
+    says what was done to the input image.
+    """
+    targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
+    if not isinstance(source_prompt, str) or not targets or any(not isinstance(t, str) for t in targets):
+        raise ValueError("edit needs one source prompt and at least one target prompt (strings)")
+    for bad in ("seed", "latents", "layout", "num_images", "height", "width"):
+        if bad in kw:
+            raise ValueError(f"edit sets {bad!r} from the image and its inversion; do not pass it")
+    if control is None:
+        from .methods.masactrl import MasaCtrl
+
+        control = MasaCtrl()
+    if inversion is None:
+        inversion = invert(edit_pipe, image, prompt=inversion_prompt, steps=steps, fit=fit)
+    elif inversion.steps != int(steps):
+        raise ValueError(f"the inversion has {inversion.steps} steps but the edit asks for {steps}; they must match")
+    n = 1 + len(targets)
+    guidance = float(guidance) if guidance is not None else edit_pipe.family.default_guidance
+    cfg = guidance > 1.0 and edit_pipe.family.name != "flux"
+    layout = BatchLayout.standard(n, cfg, groups=[0] * n, roles=["source"] + ["target"] * len(targets))
+    latents = inversion.latent.expand(n, *inversion.latent.shape[1:]).clone()
+    extra = [FollowTrajectory(inversion, [0])] if follow_source else []
+    pipe = edit_pipe.pipe
+    saved = pipe.scheduler
+    if edit_pipe.family.arch == "unet":
+        pipe.scheduler = ddim_scheduler(edit_pipe)
+    try:
+        result = edit_pipe.generate(
+            [source_prompt, *targets], controls=[control, *controls, *extra], seed=0, steps=steps,
+            guidance=guidance, height=inversion.height, width=inversion.width, layout=layout, latents=latents, **kw,
+        )
+    finally:
+        pipe.scheduler = saved
+    result.records["inversion"] = {"steps": inversion.steps, "prompt": inversion.prompt, "notes": inversion.notes,
+                                   "size": [inversion.height, inversion.width], "follow_source": follow_source}
+    result.params["edit"] = {"source_prompt": source_prompt, "targets": targets, "inversion_prompt": inversion.prompt}
+    return result
+
+
+__all__ = ["FollowTrajectory", "Inversion", "edit", "encode_image", "invert", "prepare_image"]
