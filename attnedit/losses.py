@@ -76,7 +76,7 @@ def attend_excite_loss(peaks: torch.Tensor) -> torch.Tensor:
 
     Only the weakest subject receives gradient, as in the official code.
     """
-    return (1.0 - peaks).clamp(min=0.0).amax(dim=-1)
+    return torch.relu(1.0 - peaks).amax(dim=-1)  # relu: no gradient once a peak reaches 1
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:
