@@ -1,0 +1,874 @@
+"""`attnedit batch`: thousands of prompts with controls, on one CPU or many GPUs, never losing an image.
+
+    attnedit batch jobs.jsonl --out runs/a --model shapes-sd --batch-size 8
+    accelerate launch --multi_gpu --num_processes 8 -m attnedit batch jobs.yaml --out runs/a
+    attnedit batch --validate jobs.yaml
+
+A job file is JSONL (one job per line; a `{"defaults": {...}}` line fills every job) or YAML
+(`defaults:` plus a `jobs:` list, or a bare list). A job names `prompt` (or `prompts`), `controls`
+(`[{"name": "store", "words": ["cat"]}]`: the options of the Python API by the same names), `seeds`
+(a list, or a count starting at `seed`), `size` / `height` / `width`, `steps`, `guidance`,
+`negative_prompt`, `maps` (true or a list of words: save an attention-map grid) and an optional
+`id`. Values come from the job, then the CLI flags, then the `defaults` block, then the model.
+
+Why it is built this way:
+- Every image is one *unit* with a content key (model, prompt, seed, settings): its file name is
+  `<id or prompt>-s<seed>-<key>.png`, so reruns and workers agree on names without talking.
+- Units that share settings are grouped into batches from the job file alone (order of the file,
+  `--batch-size`), never from the number of workers or from what is already done, and whole
+  batches are split between processes. CPU (and GPU) matrix kernels sum in a batch-size-dependent
+  order, so a pixel may differ by one level between batch sizes; fixing the batches this way
+  makes one worker and eight workers, and a resumed run, bit-identical.
+- Writes are atomic (temp name, then rename); the sidecar JSON is written last and marks an image
+  complete; `manifest.jsonl` gets one line per finished image (appended under a file lock) and is
+  rebuilt from the sidecars when it was cut short, and rewritten in job order at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.jsonl"
+SIDECAR_TAG = "attnedit_batch"  # marks sidecars written by this module (with the image key)
+JOB_KEYS = ("id", "prompt", "prompts", "negative_prompt", "seeds", "seed", "size", "height", "width", "steps",
+            "guidance", "controls", "maps")
+DEFAULT_KEYS = (*JOB_KEYS, "model")
+_SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
+
+
+# ------------------------------------------------------------------------------------- data types
+@dataclass
+class Problem:
+    """A bad job line: where it is and what is wrong."""
+
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass
+class Entry:
+    """One raw job of the file with the line it starts on."""
+
+    line: int
+    data: Any
+
+
+@dataclass
+class Unit:
+    """One image to make: prompt, seed and the settings it shares with its batch."""
+
+    line: int
+    job_id: str | None
+    prompt: str
+    seed: int
+    settings: dict[str, Any]  # steps, guidance, height, width, negative_prompt, controls, maps
+    key: str
+    stem: str
+
+    def signature(self) -> str:
+        return json.dumps(self.settings, sort_keys=True)
+
+
+@dataclass
+class Plan:
+    """Everything a run needs from the job file: units in file order and the problems found."""
+
+    units: list[Unit] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    jobs: int = 0
+    duplicates: int = 0
+    model: str | None = None
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[int, str, str]] = field(default_factory=list)  # (line, file stem, reason)
+    invalid: list[Problem] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def merge(self, other: Summary) -> None:
+        self.done += other.done
+        self.skipped += other.skipped
+        self.failed += other.failed
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.invalid
+
+
+# -------------------------------------------------------------------------------------- reading
+def read_jobs(path: str | os.PathLike) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
+    """Parse a JSONL or YAML job file into (defaults, jobs with line numbers, problems)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"job file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return _read_yaml(text)
+    return _read_jsonl(text)
+
+
+def file_model(path: str | os.PathLike) -> str | None:
+    """The `model` of the file's defaults block, if any."""
+    model = read_jobs(path)[0].get("model")
+    return model if isinstance(model, str) else None
+
+
+def _read_jsonl(text: str) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
+    defaults: dict[str, Any] = {}
+    defaults_line: int | None = None
+    entries: list[Entry] = []
+    problems: list[Problem] = []
+    for no, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(Problem(no, f"not valid JSON ({err.msg} at column {err.colno})"))
+            continue
+        if isinstance(data, dict) and set(data) == {"defaults"}:
+            if defaults_line is not None:
+                problems.append(Problem(no, f"a second defaults line (the first is line {defaults_line})"))
+            elif not isinstance(data["defaults"], dict):
+                problems.append(Problem(no, "defaults must be an object"))
+            else:
+                defaults, defaults_line = data["defaults"], no
+            continue
+        entries.append(Entry(no, data))
+    return defaults, entries, problems
+
+
+def _read_yaml(text: str) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return _read_yaml_chunks(text)
+    if root is None:
+        return {}, [], []
+    problems: list[Problem] = []
+    defaults: dict[str, Any] = {}
+    if isinstance(root, yaml.SequenceNode):
+        items, nodes = data, root.value
+    elif isinstance(root, yaml.MappingNode):
+        items, nodes = [], []
+        for key_node, value_node in root.value:
+            key = key_node.value
+            if key == "defaults":
+                if not isinstance(data.get("defaults"), dict):
+                    problems.append(Problem(key_node.start_mark.line + 1, "defaults must be a mapping"))
+                else:
+                    defaults = data["defaults"]
+            elif key == "jobs":
+                if not isinstance(value_node, yaml.SequenceNode):
+                    problems.append(Problem(key_node.start_mark.line + 1, "jobs must be a list"))
+                else:
+                    items, nodes = data["jobs"], value_node.value
+            else:
+                problems.append(Problem(key_node.start_mark.line + 1,
+                                        f"unknown top-level key {key!r}; a YAML job file has 'defaults' and 'jobs'"))
+    else:
+        return {}, [], [Problem(1, "a YAML job file is a list of jobs or a mapping with 'defaults' and 'jobs'")]
+    entries = [Entry(node.start_mark.line + 1, item) for item, node in zip(items, nodes)]
+    return defaults, entries, problems
+
+
+def _read_yaml_chunks(text: str) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
+    """A file YAML cannot parse as a whole: parse the defaults block and each list item on their
+    own, so one bad job is reported with its line and the others still run."""
+    import yaml
+
+    lines = text.splitlines()
+    chunks: list[tuple[str, int, int]] = []  # (kind, first line index, end index)
+    top = [i for i, ln in enumerate(lines) if ln and not ln[0].isspace() and not ln.startswith("#")]
+    sections: list[tuple[str, int, int]] = []
+    for n, i in enumerate(top):
+        end = top[n + 1] if n + 1 < len(top) else len(lines)
+        head = lines[i].split(":", 1)[0].strip()
+        sections.append((head, i, end))
+    if not any(h in ("defaults", "jobs") for h, _, _ in sections):  # a bare list: items at column 0
+        sections = [("jobs", -1, len(lines))]
+    problems: list[Problem] = []
+    for head, start, end in sections:
+        if head == "defaults":
+            chunks.append(("defaults", start, end))
+        elif head == "jobs" or head.startswith("-"):
+            body = range(start + 1, end)
+            starts = [i for i in body if lines[i].lstrip().startswith("- ") or lines[i].strip() == "-"]
+            if not starts:
+                continue
+            indent = min(len(lines[i]) - len(lines[i].lstrip()) for i in starts)
+            starts = [i for i in starts if len(lines[i]) - len(lines[i].lstrip()) == indent]
+            for n, i in enumerate(starts):
+                chunks.append(("job", i, starts[n + 1] if n + 1 < len(starts) else end))
+        else:
+            problems.append(Problem(start + 1, f"unknown top-level key {head!r} (or a YAML syntax error on it)"))
+    defaults: dict[str, Any] = {}
+    entries: list[Entry] = []
+    for kind, start, end in chunks:
+        piece = "\n".join(lines[start:end])
+        if kind == "job":
+            piece = _dedent(lines[start:end])
+        try:
+            value = yaml.safe_load(piece)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+            at = start + 1 + (mark.line if mark is not None else 0)
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            problems.append(Problem(at, f"YAML syntax error: {what}"))
+            continue
+        if kind == "defaults":
+            value = (value or {}).get("defaults") if isinstance(value, dict) else None
+            if not isinstance(value, dict):
+                problems.append(Problem(start + 1, "defaults must be a mapping"))
+            else:
+                defaults = value
+        elif isinstance(value, list) and len(value) == 1:
+            entries.append(Entry(start + 1, value[0]))
+        else:
+            problems.append(Problem(start + 1, "could not read this job"))
+    return defaults, entries, problems
+
+
+def _dedent(lines: list[str]) -> str:
+    indent = min((len(ln) - len(ln.lstrip()) for ln in lines if ln.strip()), default=0)
+    return "\n".join(ln[indent:] for ln in lines)
+
+
+# ------------------------------------------------------------------------------------- planning
+def _close(word: str, choices: Sequence[str]) -> str:
+    near = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return _SLUG_RE.sub("-", text).strip("-").lower()[:limit].strip("-") or "image"
+
+
+def _as_int(value: Any, what: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+def _size(spec: dict[str, Any], default: tuple[int | None, int | None]) -> tuple[int | None, int | None]:
+    size = spec.get("size")
+    if size is not None and ("height" in spec or "width" in spec):
+        raise ValueError("give either size or height/width, not both")
+    if size is None:
+        h, w = spec.get("height", default[0]), spec.get("width", default[1])
+    elif isinstance(size, int) and not isinstance(size, bool):
+        h = w = size
+    elif isinstance(size, str) and re.fullmatch(r"\d+x\d+", size):
+        h, w = (int(v) for v in size.split("x"))
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
+        h, w = size
+    else:
+        raise ValueError(f"size must be an int, [height, width] or 'HxW', got {size!r}")
+    return (None if h is None else _as_int(h, "height", 1)), (None if w is None else _as_int(w, "width", 1))
+
+
+def _seeds(spec: dict[str, Any]) -> list[int]:
+    seeds = spec.get("seeds")
+    if isinstance(seeds, list):
+        if "seed" in spec and seeds:
+            raise ValueError("give either a seeds list or seed (+ a seeds count), not both")
+        if not seeds:
+            raise ValueError("seeds is an empty list")
+        out = [_as_int(s, "each seed", 0) for s in seeds]
+        if len(set(out)) != len(out):
+            raise ValueError(f"seeds has repeated values: {out}")
+        return out
+    base = _as_int(spec.get("seed", 0), "seed", 0)
+    count = _as_int(seeds if seeds is not None else 1, "seeds (a count)", 1)
+    return [base + i for i in range(count)]
+
+
+def _control_specs(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError(f"controls must be a list of {{'name': ..., options}}, got {type(value).__name__}")
+    specs = []
+    for item in value:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError(f"each control is an object with a 'name' and its options, got {item!r}")
+        specs.append(dict(item))
+    return specs
+
+
+def load_methods() -> list[str]:
+    """Import every method module so controls are known by name. A module that fails to import
+    (a method being worked on) is reported once and skipped instead of stopping every job."""
+    import importlib
+    import pkgutil
+    import warnings
+
+    from . import methods
+
+    broken = []
+    for info in pkgutil.iter_modules(methods.__path__):
+        try:
+            importlib.import_module(f"{methods.__name__}.{info.name}")
+        except Exception as err:
+            broken.append(info.name)
+            warnings.warn(f"attnedit method module {info.name!r} failed to import ({type(err).__name__}: {err}); "
+                          "its controls are unavailable", stacklevel=2)
+    return broken
+
+
+def build_controls(specs: list[dict[str, Any]], maps: Any = False) -> tuple[list[Any], Any]:
+    """Controls of one batch from their specs; adds an AttentionStore when maps are asked for.
+
+    Returns (controls, the store that feeds the map grids or None).
+    """
+    from .controls import make_control
+    from .store import AttentionStore
+
+    controls = []
+    for spec in specs:
+        opts = {k: v for k, v in spec.items() if k != "name"}
+        controls.append(make_control(spec["name"], opts))
+    store = None
+    if maps:
+        store = next((c for c in controls if isinstance(c, AttentionStore)), None)
+        if store is None:
+            store = AttentionStore(words=list(maps) if isinstance(maps, list) else None)
+            controls.append(store)
+    return controls, store
+
+
+def plan(
+    path: str | os.PathLike,
+    pipe: Any | None = None,
+    overrides: dict[str, Any] | None = None,
+    model: str | None = None,
+) -> Plan:
+    """Read the job file and expand it into units (one per image), checking every job.
+
+    Without `pipe` only the file itself is checked (keys, types, control names and options); with
+    `pipe` every job also goes through the controls' own `setup` checks against the model and the
+    prompts (a word not in the prompt, a bad box, a size the model cannot take), with no denoising.
+    """
+    load_methods()
+    defaults, entries, problems = read_jobs(path)
+    result = Plan(problems=list(problems), jobs=len(entries))
+    bad_defaults = [k for k in defaults if k not in DEFAULT_KEYS]
+    for k in bad_defaults:
+        result.problems.append(Problem(0, f"unknown key {k!r} in defaults{_close(k, DEFAULT_KEYS)}; "
+                                          f"valid keys: {', '.join(DEFAULT_KEYS)}"))
+    result.model = model or defaults.get("model")
+    file_defaults = {k: v for k, v in defaults.items() if k in JOB_KEYS and k not in ("id", "prompt", "prompts")}
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+    seen: set[str] = set()
+    for entry in entries:
+        try:
+            units = _expand(entry, file_defaults, cli, pipe, result.model)
+        except ValueError as err:
+            result.problems.append(Problem(entry.line, str(err)))
+            continue
+        for u in units:
+            if u.key in seen:
+                result.duplicates += 1
+                continue
+            seen.add(u.key)
+            result.units.append(u)
+    result.problems.sort(key=lambda p: p.line)
+    return result
+
+
+def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Later layers win; a layer that sets `size` drops inherited height/width (and the reverse),
+    one that sets a seeds list drops an inherited `seed`."""
+    spec: dict[str, Any] = {}
+    for layer in layers:
+        if "size" in layer:
+            spec.pop("height", None)
+            spec.pop("width", None)
+        if "height" in layer or "width" in layer:
+            spec.pop("size", None)
+        if isinstance(layer.get("seeds"), list):
+            spec.pop("seed", None)
+        spec.update(layer)
+    return spec
+
+
+def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str | None) -> list[Unit]:
+    job = entry.data
+    if not isinstance(job, dict):
+        raise ValueError(f"a job is an object with a prompt, got {type(job).__name__}")
+    unknown = [k for k in job if k not in JOB_KEYS]
+    if unknown:
+        k = unknown[0]
+        hint = " (the model is chosen once per run: --model or defaults)" if k == "model" else _close(k, JOB_KEYS)
+        raise ValueError(f"unknown key {k!r}{hint}; valid keys: {', '.join(JOB_KEYS)}")
+    spec = _merge(file_defaults, cli, job)
+    if ("prompt" in job) == ("prompts" in job):
+        raise ValueError("a job needs exactly one of prompt (a string) or prompts (a list of strings)")
+    prompts = [job["prompt"]] if "prompt" in job else job["prompts"]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError("prompt must be a non-empty string, prompts a non-empty list of them")
+    job_id = job.get("id")
+    if job_id is not None and (not isinstance(job_id, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", job_id)):
+        raise ValueError(f"id must be letters, digits, '.', '_' or '-', got {job_id!r}")
+    seeds = _seeds(spec)
+    negative = spec.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError(f"negative_prompt must be a string, got {negative!r}")
+    maps = spec.get("maps", False)
+    if not (isinstance(maps, bool) or (isinstance(maps, list) and all(isinstance(w, str) for w in maps))):
+        raise ValueError(f"maps must be true/false or a list of words, got {maps!r}")
+    specs = _control_specs(spec.get("controls"))
+    controls, _ = build_controls(specs, maps)  # unknown names/options, bad option values
+    height, width = _size(spec, pipe.default_size() if pipe is not None else (None, None))
+    steps = spec.get("steps", pipe.default_steps() if pipe is not None else None)
+    if steps is not None:
+        steps = _as_int(steps, "steps", 1)
+    guidance = spec.get("guidance", pipe.family.default_guidance if pipe is not None else None)
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise ValueError(f"guidance must be a number, got {guidance!r}")
+        guidance = float(guidance)
+    settings = {
+        "steps": steps,
+        "guidance": guidance,
+        "height": height,
+        "width": width,
+        "negative_prompt": negative,
+        "controls": specs,
+        "maps": maps,
+    }
+    if pipe is not None:
+        for prompt in prompts:
+            check_with_model(pipe, prompt, settings, controls)
+    units = []
+    for pi, prompt in enumerate(prompts):
+        for seed in seeds:
+            ident = {"model": model, "prompt": prompt, "seed": seed, **settings}
+            key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+            name = job_id + (f"-p{pi}" if len(prompts) > 1 else "") if job_id else _slug(prompt)
+            units.append(Unit(entry.line, job_id, prompt, seed, settings, key, f"{name}-s{seed}-{key}"))
+    return units
+
+
+def check_with_model(pipe: Any, prompt: str, settings: dict[str, Any], controls: list[Any]) -> None:
+    """Everything `EditPipeline.generate` checks before denoising, without denoising: the size,
+    and each control's `setup` against this model and prompt (words, boxes, layers)."""
+    from .controller import Controller
+
+    h, w, stride = settings["height"], settings["width"], pipe.pixel_stride
+    if h % stride or w % stride:
+        raise ValueError(f"image size {h}x{w} is not a multiple of {stride} for this model")
+    cfg = settings["guidance"] > 1.0 and pipe.family.name != "flux"
+    pipe.pipe.scheduler.set_timesteps(settings["steps"])
+    ctrl = Controller(pipe.pipe, controls)
+    ctrl.begin_run([prompt], num_steps=settings["steps"], height=h, width=w, cfg=cfg,
+                   max_sequence_length=pipe.call_defaults().get("max_sequence_length"))
+
+
+def make_batches(units: list[Unit], batch_size: int) -> list[list[Unit]]:
+    """Group units that share settings, in file order, `batch_size` at a time.
+
+    Depends only on the job file and `batch_size` (never on workers or on what is done), so an
+    image is always computed in the same batch. Controls with `batchable = False` run alone.
+    """
+    from .controls import CONTROLS
+
+    groups: dict[str, list[Unit]] = {}
+    for u in units:
+        groups.setdefault(u.signature(), []).append(u)
+    batches: list[list[Unit]] = []
+    for members in groups.values():
+        alone = any(not getattr(CONTROLS.get(s["name"]), "batchable", True) for s in members[0].settings["controls"])
+        size = 1 if alone else batch_size
+        batches += [members[i : i + size] for i in range(0, len(members), size)]
+    order = {u.key: i for i, u in enumerate(units)}
+    batches.sort(key=lambda b: order[b[0].key])
+    return batches
+
+
+# ----------------------------------------------------------------------------------- the outputs
+def is_complete(out: Path, unit: Unit) -> bool:
+    """The sidecar is written last, so a readable sidecar with this key marks a finished image."""
+    side = out / f"{unit.stem}.json"
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return False
+    if data.get(SIDECAR_TAG) != unit.key or not (out / f"{unit.stem}.png").is_file():
+        return False
+    return not data.get("maps_file") or (out / data["maps_file"]).is_file()
+
+
+def _manifest_row(sidecar: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "key": sidecar[SIDECAR_TAG],
+        "image": sidecar["image"],
+        "sidecar": Path(sidecar["image"]).with_suffix(".json").name,
+        "maps": sidecar.get("maps_file"),
+        "line": sidecar["job"]["line"],
+        "id": sidecar["job"]["id"],
+        "prompt": sidecar["prompt"],
+        "seed": sidecar["seed"],
+    }
+
+
+def _complete_sidecars(out: Path) -> dict[str, dict[str, Any]]:
+    """stem -> sidecar of every finished image in `out`."""
+    found = {}
+    for side in sorted(out.glob("*.json")):
+        try:
+            data = json.loads(side.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or SIDECAR_TAG not in data:
+            continue
+        maps = data.get("maps_file")
+        if (out / f"{side.stem}.png").is_file() and (not maps or (out / maps).is_file()):
+            found[side.stem] = data
+    return found
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rebuild_manifest(out: Path, units: Sequence[Unit] = ()) -> int:
+    """Write `manifest.jsonl` from the sidecars: the run's units in file order, then any other
+    finished image in `out` by name. Returns the number of rows."""
+    found = _complete_sidecars(out)
+    rows, done = [], set()
+    for u in units:
+        if u.stem in found and found[u.stem][SIDECAR_TAG] == u.key:
+            rows.append(_manifest_row(found[u.stem]))
+            done.add(u.stem)
+    rows += [_manifest_row(found[s]) for s in sorted(found) if s not in done]
+    _write_atomic(out / MANIFEST, "".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+def recover(out: Path) -> bool:
+    """Before a run: drop temp files of a killed run and rebuild the manifest when it does not list
+    exactly the finished images (cut short, a torn last line, duplicates). True if rebuilt."""
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    manifest = out / MANIFEST
+    finished = {d["image"] for d in _complete_sidecars(out).values()}
+    listed: list[str] = []
+    intact = True
+    if manifest.exists():
+        for line in manifest.read_text().splitlines():
+            try:
+                listed.append(json.loads(line)["image"])
+            except (ValueError, KeyError, TypeError):
+                intact = False
+    if intact and len(listed) == len(set(listed)) and set(listed) == finished:
+        return False
+    rebuild_manifest(out)
+    return True
+
+
+def append_manifest(out: Path, row: dict[str, Any]) -> None:
+    """One whole line per finished image; a file lock keeps lines of concurrent workers apart."""
+    import fcntl
+
+    data = (json.dumps(row) + "\n").encode()
+    fd = os.open(out / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, data)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------- the run
+def _distributed_state(cpu: bool | None = None):
+    """accelerate's process state (one process without a launcher); CPU-only machines use gloo."""
+    import torch
+    from accelerate import PartialState
+
+    if cpu is None:
+        forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        cpu = forced or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+class Runner:
+    """Makes the images of one process's batches and writes them (also used by the benchmark)."""
+
+    def __init__(self, pipe: Any, out: Path, model: str, progress: Any = None) -> None:
+        from .pipeline import versions
+
+        self.pipe = pipe
+        self.out = out
+        self.model = model
+        self.versions = versions()
+        self.progress = progress
+
+    def run(self, batch: list[Unit], summary: Summary) -> None:
+        todo = [u for u in batch if not is_complete(self.out, u)]
+        summary.skipped += len(batch) - len(todo)
+        if not todo:
+            return
+        try:
+            self._generate(batch, todo, summary)
+        except Exception as err:  # a control that raises: isolate it, the others go on
+            if len(batch) == 1:
+                summary.failed.append((batch[0].line, batch[0].stem, f"{type(err).__name__}: {err}"))
+                self._tick(1)
+                return
+            for u in todo:
+                if not is_complete(self.out, u):
+                    self.run([u], summary)
+
+    def _generate(self, batch: list[Unit], todo: list[Unit], summary: Summary) -> None:
+        """The whole batch is computed again (so pixels never depend on what was done before);
+        only the missing images are written."""
+        from .visualize import map_grid
+
+        s = batch[0].settings
+        controls, store = build_controls(s["controls"], s["maps"])
+        result = self.pipe.generate(
+            [u.prompt for u in batch], controls=controls, seed=[u.seed for u in batch], steps=s["steps"],
+            guidance=s["guidance"], height=s["height"], width=s["width"], negative_prompt=s["negative_prompt"],
+        )
+        options = [{"name": c.name, **c.options()} for c in controls]
+        wanted = {u.key for u in todo}
+        for i, u in enumerate(batch):
+            if u.key not in wanted:
+                continue
+            maps_file = None
+            if store is not None:
+                maps_file = f"{u.stem}.maps.png"
+                grid = map_grid(store.word_maps(i), result.images[i])
+                tmp = self.out / f".{maps_file}.tmp"
+                grid.save(tmp, format="PNG")
+                os.replace(tmp, self.out / maps_file)
+            sidecar = {
+                SIDECAR_TAG: u.key,
+                "image": f"{u.stem}.png",
+                "maps_file": maps_file,
+                "model": self.model,
+                "family": self.pipe.family.name,
+                "prompt": u.prompt,
+                "negative_prompt": s["negative_prompt"],
+                "seed": u.seed,
+                "steps": s["steps"],
+                "guidance": s["guidance"],
+                "height": s["height"],
+                "width": s["width"],
+                "controls": options,
+                "controls_spec": s["controls"],
+                "batch_size": len(batch),
+                "job": {"line": u.line, "id": u.job_id},
+                "versions": self.versions,
+            }
+            self._save(result.images[i], sidecar)
+            append_manifest(self.out, _manifest_row(sidecar))
+            summary.done += 1
+            self._tick(1)
+
+    def _save(self, image: Any, sidecar: dict[str, Any]) -> None:
+        from .pipeline import save_image
+
+        save_image(image, self.out / sidecar["image"], sidecar)
+
+    def _tick(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.update(n)
+
+
+def run_batch(
+    jobs: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: str | None = None,
+    pipe: Any = None,
+    batch_size: int = 1,
+    overrides: dict[str, Any] | None = None,
+    strict: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+    log: Any = None,
+) -> Summary:
+    """Run a job file into `out` (resuming what is there); returns this run's `Summary`.
+
+    Under `accelerate launch` each process takes its share of the batches; every process returns
+    the merged summary. `pipe` reuses a loaded `EditPipeline` (single process only).
+    """
+    from .pipeline import DEFAULT_MODEL, load
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    log = log or sys.stderr
+    start = time.perf_counter()
+    state = _distributed_state()
+    rank, world = state.process_index, state.num_processes
+    main = state.is_main_process
+    out = Path(out)
+    model_name = model or (file_model(jobs) if pipe is None else getattr(pipe, "model_name", None)) or DEFAULT_MODEL
+    if pipe is None:
+        pipe = load(model_name, device=device or state.device, dtype=dtype)
+    the_plan = plan(jobs, pipe, overrides, model_name)
+    summary = Summary(invalid=the_plan.problems)
+    if main:
+        for p in the_plan.problems:
+            print(f"{jobs}:{p.line}: {p.message}" + ("" if strict else " (skipped)"), file=log)
+    if strict and the_plan.problems:
+        summary.seconds = time.perf_counter() - start
+        return summary
+    if main:
+        recover(out)
+    state.wait_for_everyone()
+    batches = make_batches(the_plan.units, batch_size)
+    pending = [b for b in batches if not all(is_complete(out, u) for u in b)]
+    state.wait_for_everyone()  # every process has read the same state before anything is written
+    local = Summary()
+    with state.split_between_processes(pending) as mine:
+        bar = _progress_bar(sum(len(b) for b in mine), rank, world, progress)
+        runner = Runner(pipe, out, model_name, bar)
+        for batch in mine:
+            before = len(local.failed)
+            runner.run(batch, local)
+            if strict and len(local.failed) > before:
+                break
+        if bar is not None:
+            bar.close()
+    if main:  # batches finished before this run: counted once, not by every process
+        local.skipped += sum(len(b) for b in batches) - sum(len(b) for b in pending)
+    merged = _gather(local, state)
+    merged.invalid = the_plan.problems
+    if main:
+        rebuild_manifest(out, the_plan.units)
+    state.wait_for_everyone()
+    merged.seconds = time.perf_counter() - start
+    return merged
+
+
+def _progress_bar(total: int, rank: int, world: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"batch [{rank + 1}/{world}]", unit="img", position=rank, dynamic_ncols=True,
+                file=sys.stderr, leave=True)
+
+
+def _gather(local: Summary, state: Any) -> Summary:
+    """Sum the summaries of every process (each process gets the total)."""
+    if state.num_processes == 1:
+        return local
+    from accelerate.utils import gather_object
+
+    merged = Summary()
+    for done, skipped, failed in gather_object([(local.done, local.skipped, local.failed)]):
+        merged.done += done
+        merged.skipped += skipped
+        merged.failed += [tuple(f) for f in failed]
+    return merged
+
+
+def print_summary(summary: Summary, jobs: str, log: Any = None) -> None:
+    log = log or sys.stdout
+    print(f"attnedit batch: {summary.done} done, {summary.skipped} skipped (already complete), "
+          f"{len(summary.failed)} failed, {len(summary.invalid)} invalid job line(s) "
+          f"in {summary.seconds:.1f}s", file=log)
+    for line, stem, reason in summary.failed:
+        print(f"  failed {jobs}:{line} {stem}: {reason}", file=log)
+    for p in summary.invalid:
+        print(f"  invalid {jobs}:{p.line}: {p.message}", file=log)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers: Any) -> None:
+    from .pipeline import DEFAULT_MODEL
+
+    p = subparsers.add_parser(
+        "batch", help="run a JSONL/YAML job file (resumable; `accelerate launch -m attnedit batch` for many GPUs)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("jobs", help="job file: .jsonl (one job per line) or .yaml/.yml")
+    p.add_argument("--out", default=None, help="output folder (PNG + JSON sidecar per image, manifest.jsonl)")
+    p.add_argument("--model", default=None, help=f"model for every job (else defaults.model, else {DEFAULT_MODEL})")
+    p.add_argument("--validate", action="store_true", help="check every job line and report problems; generate nothing")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad job line or failed image")
+    p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (jobs with equal settings)")
+    p.add_argument("--device", default=None, help="device (default: accelerate's per-process device)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    p.add_argument("--steps", type=int, default=None, help="steps for jobs that do not set them")
+    p.add_argument("--guidance", type=float, default=None, help="guidance for jobs that do not set it")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seeds", type=int, default=None, help="images per prompt (seeds 0..N-1) for jobs without seeds")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (CPU sums depend on it: fix it to compare runs bit for bit)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    overrides = {"steps": args.steps, "guidance": args.guidance, "height": args.height, "width": args.width,
+                 "negative_prompt": args.negative_prompt, "seeds": args.seeds}
+    if args.validate:
+        return _validate(args, overrides)
+    if not args.out:
+        raise ValueError("--out is required (or use --validate)")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    summary = run_batch(args.jobs, args.out, model=args.model, batch_size=args.batch_size, overrides=overrides,
+                        strict=args.strict, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    if _distributed_state().is_main_process:
+        print_summary(summary, args.jobs)
+    if args.strict and summary.invalid:
+        return 2
+    return 0 if summary.ok else 1
+
+
+def _validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .pipeline import DEFAULT_MODEL, load
+
+    model = args.model or file_model(args.jobs) or DEFAULT_MODEL
+    pipe = load(model, device=args.device or "cpu", dtype=args.dtype)
+    result = plan(args.jobs, pipe, overrides, model)
+    for p in result.problems:
+        print(f"{args.jobs}:{p.line}: {p.message}")
+    print(f"{result.jobs} job(s), {len(result.units)} image(s), {len(result.problems)} problem(s)"
+          + (f", {result.duplicates} duplicate image(s) merged" if result.duplicates else ""))
+    return 1 if result.problems else 0
