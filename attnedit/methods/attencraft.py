@@ -229,26 +229,34 @@ class MapRecorder(Control):
         if self.detach_sot and ctx.layer.kind == "cross":
             k = torch.cat([k[:, :1].detach(), k[:, 1:]], dim=1)
             v = torch.cat([v[:, :1].detach(), v[:, 1:]], dim=1)
+        elif self.record_self and ctx.layer.name in self.self_names:
+            self._add_affinity(ctx, q, k)
         return q, k, v
+
+    @torch.no_grad()
+    def _add_affinity(self, ctx: CallContext, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Head-averaged self-attention of the recorded row, head by head and outside the autograd graph
+        (the captured-probability path would keep an N x N logit tensor per layer in the graph)."""
+        qr, kr = q[self.row].float(), k[self.row].float()  # (N, H, D)
+        scale = q.shape[-1] ** -0.5
+        acc = torch.zeros(qr.shape[0], kr.shape[0], device=q.device)
+        for h in range(qr.shape[1]):
+            acc += torch.softmax(qr[:, h] @ kr[:, h].T * scale, dim=-1)
+        acc /= qr.shape[1]
+        self.self_sum = acc if self.self_sum is None else self.self_sum + acc
+        self.self_n += 1
+        self.self_grid = ctx.grid
 
     def capture(self, ctx: CallContext):
         if ctx.layer.name in self.cross_names and self.positions is not None:
             return self.positions
-        if ctx.layer.name in self.self_names and self.record_self:
-            return torch.arange(ctx.n_image)
         return None
 
     def observe(self, ctx: CallContext, probs: torch.Tensor) -> None:
-        if ctx.layer.kind == "cross":
-            m = probs[self.row]
-            self.cross_sum = m if self.cross_sum is None else self.cross_sum + m
-            self.cross_n += 1
-            self.cross_grid = ctx.grid
-        else:
-            m = probs[self.row].detach()
-            self.self_sum = m if self.self_sum is None else self.self_sum + m
-            self.self_n += 1
-            self.self_grid = ctx.grid
+        m = probs[self.row]
+        self.cross_sum = m if self.cross_sum is None else self.cross_sum + m
+        self.cross_n += 1
+        self.cross_grid = ctx.grid
 
     def cross_maps(self) -> torch.Tensor:
         """(Hc, Wc, len(positions)) mean over the recorded layers (carries the gradient)."""
