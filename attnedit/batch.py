@@ -8,8 +8,9 @@ A job file is JSONL (one job per line; a `{"defaults": {...}}` line fills every 
 (`defaults:` plus a `jobs:` list, or a bare list). A job names `prompt` (or `prompts`), `controls`
 (`[{"name": "store", "words": ["cat"]}]`: the options of the Python API by the same names), `seeds`
 (a list, or a count starting at `seed`), `size` / `height` / `width`, `steps`, `guidance`,
-`negative_prompt`, `maps` (true or a list of words: save an attention-map grid) and an optional
-`id`. Values come from the job, then the CLI flags, then the `defaults` block, then the model.
+`negative_prompt`, `maps` (true or a list of words: save an attention-map grid), an optional `id`,
+and `together: true` to make a job's prompts in one call from one seed, the first as the source
+of the others (MasaCtrl). Values come from the job, then the CLI flags, then the `defaults` block, then the model.
 
 Why it is built this way:
 - Every image is one *unit* with a content key (model, prompt, seed, settings): its file name is
@@ -42,7 +43,7 @@ from typing import Any
 MANIFEST = "manifest.jsonl"
 SIDECAR_TAG = "attnedit_batch"  # marks sidecars written by this module (with the image key)
 JOB_KEYS = ("id", "prompt", "prompts", "negative_prompt", "seeds", "seed", "size", "height", "width", "steps",
-            "guidance", "controls", "maps")
+            "guidance", "controls", "maps", "together")
 DEFAULT_KEYS = (*JOB_KEYS, "model")
 _SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
 
@@ -78,6 +79,8 @@ class Unit:
     settings: dict[str, Any]  # steps, guidance, height, width, negative_prompt, controls, maps
     key: str
     stem: str
+    group: str | None = None  # images of a `together` job made in one call (one group per seed)
+    role: str = "plain"  # "source" (its first prompt) or "target" inside a group
 
     def signature(self) -> str:
         return json.dumps(self.settings, sort_keys=True)
@@ -444,6 +447,11 @@ def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str 
     maps = spec.get("maps", False)
     if not (isinstance(maps, bool) or (isinstance(maps, list) and all(isinstance(w, str) for w in maps))):
         raise ValueError(f"maps must be true/false or a list of words, got {maps!r}")
+    together = spec.get("together", False)
+    if not isinstance(together, bool):
+        raise ValueError(f"together must be true or false, got {together!r}")
+    if together and len(prompts) < 2:
+        raise ValueError("together needs at least two prompts (the first is the source of the others)")
     specs = _control_specs(spec.get("controls"))
     controls, _ = build_controls(specs, maps)  # unknown names/options, bad option values
     height, width = _size(spec, pipe.default_size() if pipe is not None else (None, None))
@@ -465,47 +473,85 @@ def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str 
         "maps": maps,
     }
     if pipe is not None:
-        for prompt in prompts:
-            check_with_model(pipe, prompt, settings, controls)
+        for group in ([prompts] if together else [[p] for p in prompts]):
+            check_with_model(pipe, group, settings, controls)
     units = []
-    for pi, prompt in enumerate(prompts):
-        for seed in seeds:
-            ident = {"model": model, "prompt": prompt, "seed": seed, **settings}
-            key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-            name = job_id + (f"-p{pi}" if len(prompts) > 1 else "") if job_id else _slug(prompt)
-            units.append(Unit(entry.line, job_id, prompt, seed, settings, key, f"{name}-s{seed}-{key}"))
+    pairs = [(pi, seed) for seed in seeds for pi in range(len(prompts))] if together else [
+        (pi, seed) for pi in range(len(prompts)) for seed in seeds]
+    for pi, seed in pairs:
+        prompt = prompts[pi]
+        ident = {"model": model, "prompt": prompt, "seed": seed, **settings}
+        group, role = None, "plain"
+        if together:
+            ident["group"] = prompts
+            group = _digest({"model": model, "prompts": prompts, "seed": seed, **settings})
+            role = "source" if pi == 0 else "target"
+        key = _digest(ident)
+        name = job_id + (f"-p{pi}" if len(prompts) > 1 else "") if job_id else _slug(prompt)
+        units.append(Unit(entry.line, job_id, prompt, seed, settings, key, f"{name}-s{seed}-{key}", group, role))
     return units
 
 
-def check_with_model(pipe: Any, prompt: str, settings: dict[str, Any], controls: list[Any]) -> None:
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def group_layout(pipe: Any, units: Sequence[Unit], guidance: float):
+    """Source/target roles of a `together` group for the controls that relate images (MasaCtrl)."""
+    from .layout import BatchLayout
+
+    cfg = guidance > 1.0 and pipe.family.name != "flux"
+    return BatchLayout.standard(len(units), cfg, groups=[0] * len(units), roles=[u.role for u in units])
+
+
+def check_with_model(pipe: Any, prompts: list[str], settings: dict[str, Any], controls: list[Any]) -> None:
     """Everything `EditPipeline.generate` checks before denoising, without denoising: the size,
-    and each control's `setup` against this model and prompt (words, boxes, layers)."""
+    and each control's `setup` against this model and these prompts (words, boxes, layers, roles)."""
     from .controller import Controller
+    from .layout import BatchLayout
 
     h, w, stride = settings["height"], settings["width"], pipe.pixel_stride
     if h % stride or w % stride:
         raise ValueError(f"image size {h}x{w} is not a multiple of {stride} for this model")
     cfg = settings["guidance"] > 1.0 and pipe.family.name != "flux"
     pipe.pipe.scheduler.set_timesteps(settings["steps"])
+    layout = None
+    if len(prompts) > 1:
+        roles = ["source"] + ["target"] * (len(prompts) - 1)
+        layout = BatchLayout.standard(len(prompts), cfg, groups=[0] * len(prompts), roles=roles)
     ctrl = Controller(pipe.pipe, controls)
-    ctrl.begin_run([prompt], num_steps=settings["steps"], height=h, width=w, cfg=cfg,
+    ctrl.begin_run(prompts, num_steps=settings["steps"], height=h, width=w, cfg=cfg, layout=layout,
                    max_sequence_length=pipe.call_defaults().get("max_sequence_length"))
+
+
+# Controls whose effect on an image depends on the other images of its call (MasaCtrl: sample 0 is
+# the source of the others). A control class may say so itself with `cross_sample = True/False`.
+CROSS_SAMPLE = frozenset({"masactrl", "ir_diffusion", "irdiffusion"})
+
+
+def cross_sample(name: str) -> bool:
+    from .controls import CONTROLS
+
+    declared = getattr(CONTROLS.get(name), "cross_sample", None)
+    return bool(declared) if declared is not None else name in CROSS_SAMPLE
 
 
 def make_batches(units: list[Unit], batch_size: int) -> list[list[Unit]]:
     """Group units that share settings, in file order, `batch_size` at a time.
 
     Depends only on the job file and `batch_size` (never on workers or on what is done), so an
-    image is always computed in the same batch. Controls with `batchable = False` run alone.
+    image is always computed in the same batch. A `together` group is one batch of its own; jobs
+    with a control that relates the images of a batch (`cross_sample`) run one image per call.
     """
-    from .controls import CONTROLS
-
     groups: dict[str, list[Unit]] = {}
     for u in units:
-        groups.setdefault(u.signature(), []).append(u)
+        groups.setdefault(u.group or u.signature(), []).append(u)
     batches: list[list[Unit]] = []
     for members in groups.values():
-        alone = any(not getattr(CONTROLS.get(s["name"]), "batchable", True) for s in members[0].settings["controls"])
+        if members[0].group:
+            batches.append(members)
+            continue
+        alone = any(cross_sample(s["name"]) for s in members[0].settings["controls"])
         size = 1 if alone else batch_size
         batches += [members[i : i + size] for i in range(0, len(members), size)]
     order = {u.key: i for i, u in enumerate(units)}
@@ -646,9 +692,10 @@ class Runner:
         try:
             self._generate(batch, todo, summary)
         except Exception as err:  # a control that raises: isolate it, the others go on
-            if len(batch) == 1:
-                summary.failed.append((batch[0].line, batch[0].stem, f"{type(err).__name__}: {err}"))
-                self._tick(1)
+            if len(batch) == 1 or batch[0].group:  # a group only makes sense as a whole
+                failed = [u for u in todo if not is_complete(self.out, u)]
+                summary.failed += [(u.line, u.stem, f"{type(err).__name__}: {err}") for u in failed]
+                self._tick(len(failed))
                 return
             for u in todo:
                 if not is_complete(self.out, u):
@@ -661,9 +708,11 @@ class Runner:
 
         s = batch[0].settings
         controls, store = build_controls(s["controls"], s["maps"])
+        layout = group_layout(self.pipe, batch, s["guidance"]) if batch[0].group else None
         result = self.pipe.generate(
             [u.prompt for u in batch], controls=controls, seed=[u.seed for u in batch], steps=s["steps"],
             guidance=s["guidance"], height=s["height"], width=s["width"], negative_prompt=s["negative_prompt"],
+            layout=layout,
         )
         options = [{"name": c.name, **c.options()} for c in controls]
         wanted = {u.key for u in todo}
@@ -693,6 +742,7 @@ class Runner:
                 "controls": options,
                 "controls_spec": s["controls"],
                 "batch_size": len(batch),
+                "group": {"id": u.group, "role": u.role, "prompts": [b.prompt for b in batch]} if u.group else None,
                 "job": {"line": u.line, "id": u.job_id},
                 "versions": self.versions,
             }

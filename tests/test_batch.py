@@ -317,6 +317,37 @@ def test_sigkill_at_random_points_then_rerun(tmp_path, pipe, jobs_file, referenc
     assert any(0 < k < N_IMAGES for k in killed_with), killed_with  # at least one kill landed mid-run
 
 
+def test_together_groups_and_cross_sample_controls(tmp_path, pipe):
+    """A `together` job is one call per seed with source/target roles (as `masactrl.consistent`);
+    a control that relates the images of a call is never batched with other jobs."""
+    if "masactrl" not in CONTROLS:
+        pytest.skip("MasaCtrl is not registered in this build")
+    from attnedit.methods.masactrl import consistent
+
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(
+        '{"prompts": ["a cat", "a cat jumping", "a cat sitting"], "together": true, "seeds": [3, 4], "steps": 2,'
+        ' "controls": [{"name": "masactrl"}]}\n'
+        '{"prompts": ["a dog", "a dog running"], "seeds": 2, "steps": 2, "controls": [{"name": "masactrl"}]}\n'
+        '{"prompt": "a cow", "together": true}\n'
+    )
+    result = batch.plan(path, pipe, model="tiny-sd")
+    assert [(p.line, p.message) for p in result.problems] == [
+        (3, "together needs at least two prompts (the first is the source of the others)")]
+    batches = batch.make_batches(result.units, batch_size=8)
+    assert [[(u.prompt, u.seed, u.role) for u in b] for b in batches[:2]] == [
+        [("a cat", 3, "source"), ("a cat jumping", 3, "target"), ("a cat sitting", 3, "target")],
+        [("a cat", 4, "source"), ("a cat jumping", 4, "target"), ("a cat sitting", 4, "target")]]
+    assert [len(b) for b in batches[2:]] == [1, 1, 1, 1]  # masactrl without groups: one image per call
+    out = tmp_path / "out"
+    summary = batch.run_batch(path, out, model="tiny-sd", pipe=pipe, batch_size=8, progress=False)
+    assert summary.done == 10 and summary.failed == []
+    expected = consistent(pipe, "a cat", ["a cat jumping", "a cat sitting"], seed=4, steps=2).images
+    for u, image in zip(batches[1], expected):
+        assert np.array_equal(np.asarray(Image.open(out / f"{u.stem}.png")), np.asarray(image))
+        assert json.loads((out / f"{u.stem}.json").read_text())["group"]["role"] == u.role
+
+
 # ------------------------------------------------------------------------------------ failures
 def test_failing_control_and_bad_lines_are_isolated(tmp_path, pipe, capsys):
     path = tmp_path / "jobs.jsonl"
