@@ -69,13 +69,12 @@ class ClearWeights(torch.nn.Module):
         return [k.replace("__", ".") for k in self.weights]
 
     def of(self, layer: str) -> torch.nn.Parameter:
-        try:
-            return self.weights[_key(layer)]
-        except KeyError:
+        if _key(layer) not in self.weights:
             raise ValueError(
                 f"CLEAR has no spatial weight for layer {layer!r}; it has {len(self.weights)} layers, "
                 f"e.g. {', '.join(self.layers[:3])}"
-            ) from None
+            )
+        return self.weights[_key(layer)]
 
     def attach(self, denoiser: torch.nn.Module) -> None:
         denoiser.add_module("attnedit_clear", self)
