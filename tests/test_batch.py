@@ -380,10 +380,19 @@ def test_failing_control_and_bad_lines_are_isolated(tmp_path, pipe, capsys):
 
 def test_manifest_lines_of_concurrent_writers_stay_whole(tmp_path):
     """Appends from several processes under the lock never interleave within a line."""
-    out = tmp_path
-    code = ("import sys; from pathlib import Path; from attnedit.batch import append_manifest\n"
-            "for i in range(200): append_manifest(Path(sys.argv[1]), {'w': sys.argv[2], 'i': i, 'pad': 'x' * 3000})")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(w)], env=_env(tmp_path)) for w in range(3)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
-    rows = [json.loads(r) for r in (out / batch.MANIFEST).read_text().splitlines()]
-    assert sorted((r["w"], r["i"]) for r in rows) == sorted((str(w), i) for w in range(3) for i in range(200))
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_rows, args=(tmp_path, w)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    rows = [json.loads(r) for r in (tmp_path / batch.MANIFEST).read_text().splitlines()]
+    assert sorted((r["w"], r["i"]) for r in rows) == sorted((w, i) for w in range(3) for i in range(300))
+
+
+def _append_rows(out: Path, worker: int) -> None:
+    for i in range(300):
+        batch.append_manifest(out, {"w": worker, "i": i, "pad": "x" * 20000})
