@@ -121,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
                "both": "a <circle> circle and a <square> square"}
     table: dict[str, dict[str, dict[str, float]]] = {}
     sheets = []
+    # calibration: the base model drawing the world colours next to orange and pink must not count as either
+    base = attnedit.load(args.model)
+    calib = ["a red circle and a yellow square", "a magenta circle and a red square"]
+    res = base.generate([p for p in calib for _ in range(args.seeds)],
+                        seed=list(range(len(calib) * args.seeds)), steps=args.gen_steps)
+    fr = np.array([colour_fractions(im) for im in res.images])
+    cal = {"orange_present": float((fr[:, 0] >= args.presence).mean()),
+           "pink_present": float((fr[:, 1] >= args.presence).mean()),
+           "orange_mean": float(fr[:, 0].mean()), "pink_mean": float(fr[:, 1].mean())}
+    table["base (calibration)"] = {"world colours": cal}
+    print(f"base model on {calib}: orange counted in {cal['orange_present']:.2f}, pink in {cal['pink_present']:.2f}"
+          " of the images")
     for variant in [v for v in args.variants.split(",") if v]:
         run = out / variant
         t0 = time.time()

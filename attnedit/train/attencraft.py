@@ -515,10 +515,13 @@ class AttenCraftTrainer:
 
     def _forward_maps(self, prompt, subset, t, noise, record_self):
         keys, cols = self._positions(prompt, subset, spans=True)
-        self._unet(self.latent, self._encode_text([prompt]), t, noise, keys, record_self)
+        self._unet(self.latent, self._encode_text([prompt]), t, noise, keys, record_self, autocast=False)
         return self.recorder.cross_maps(), cols
 
-    def _unet(self, latents, enc, t, noise, keys, record_self):
+    def _unet(self, latents, enc, t, noise, keys, record_self, autocast: bool = True):
+        """One UNet forward with the recorder armed (mask initialisation runs in full precision)."""
+        from contextlib import nullcontext
+
         from ..layout import BatchLayout
 
         rec = self.recorder
@@ -528,7 +531,8 @@ class AttenCraftTrainer:
         t = t.to(self.device)
         noisy = self.noise_sched.add_noise(latents, noise, t)
         layout = BatchLayout.standard(latents.shape[0], False)
-        with self.controller.pass_phase("guidance", layout=layout, step=0), self.acc.autocast():
+        with self.controller.pass_phase("guidance", layout=layout, step=0), \
+                (self.acc.autocast() if autocast else nullcontext()):
             pred = self.pipe.unet(noisy, t, encoder_hidden_states=enc).sample
         rec.positions = None
         rec.record_self = False
