@@ -137,8 +137,9 @@ def blobs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(blobs):
     root, image = blobs
-    res = attencraft(image, "dog,cat", root / "full", model="tiny-sd", **FAST)
-    return res
+    from attnedit.train import attencraft as recipe  # the module itself is callable
+
+    return recipe(image, "dog,cat", root / "full", model="tiny-sd", **FAST)
 
 
 def test_training_run_saves_concepts_and_notes_multi_token_words(trained):
@@ -165,6 +166,9 @@ def test_saved_concepts_reload_and_change_the_output(trained):
     a = np.asarray(pipe("a photo of <dog>", seed=0).images[0], dtype=np.float32)
     b = np.asarray(base("a photo of <dog>", seed=0).images[0], dtype=np.float32)
     assert np.abs(a - b).mean() > 0.5
+    store = attnedit.AttentionStore(words=["<dog>"])  # other controls see the new token as one word
+    pipe("a photo of <dog>", controls=[store], seed=0)
+    assert store.word_map("<dog>").shape == (8, 8)
     with pytest.raises(ValueError, match="already in the tokenizer"):
         load_concepts(pipe, trained.output)
     from attnedit.pipeline import EditPipeline

@@ -2,7 +2,7 @@
 
     attnedit train attencraft --image photo.png --concepts "dog,cat" --model shapes-sd --output runs/dogcat
 
-    >>> from attnedit.train.attencraft import attencraft
+    >>> from attnedit.train import attencraft          # the module is callable: attencraft(...) runs the recipe
     >>> result = attencraft("photo.png", ["dog", "cat"], "runs/dogcat", model="shapes-sd", steps=500)
     >>> pipe = attnedit.load("shapes-sd", concepts="runs/dogcat")   # tokens <dog>, <cat>
 
@@ -26,6 +26,8 @@ import dataclasses
 import hashlib
 import json
 import re
+import sys
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -874,3 +876,13 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 __all__ = ["AttenCraftConfig", "AttenCraftTrainer", "MaskSeparationError", "TrainResult", "attencraft"]
+
+
+class _CallableModule(types.ModuleType):
+    """`from attnedit.train import attencraft; attencraft(image, concepts, out)` calls the recipe directly."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
+        return attencraft(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
