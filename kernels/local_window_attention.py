@@ -124,14 +124,15 @@ def local_window_attention(
     window: LocalWindow,
     *,
     scale: float | None = None,
-    query_tile: tuple[int, int] = (8, 16),
-    key_tile: tuple[int, int] = (8, 8),
-    text_block: int = 64,
+    query_tile: tuple[int, int] | None = None,
+    key_tile: tuple[int, int] | None = None,
+    text_block: int | None = None,
 ) -> torch.Tensor:
     """CLEAR self-attention on BSHD tensors laid out as `window` says (Nq = Nk = text + h*w).
 
-    Tiles are (rows, cols) of the image grid, powers of two; the defaults give 128-query and
-    64-key tiles on a GPU. Tests pass small tiles to exercise partial border tiles.
+    Tiles are (rows, cols) of the image grid, powers of two; by default 8 x 16 queries and 8 x 8
+    keys (half of each for fp32 or head dims > 128, as `launch_config` says). Tests pass small
+    tiles to exercise partial border tiles.
     """
     check_qkv(q, k, v)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
@@ -149,8 +150,9 @@ def local_window_attention(
     if n_img == 0:
         return out
     block_d = block_d_for(head_d)
-    cfg = launch_config(block_d)
-    (tqy, tqx), (tky, tkx) = query_tile, key_tile
+    cfg = launch_config(block_d, q.dtype)
+    (tqy, tqx) = query_tile or ((8, 16) if cfg["BLOCK_M"] == 128 else (8, 8))
+    (tky, tkx) = key_tile or ((8, 8) if cfg["BLOCK_N"] == 64 else (4, 8))
     grid = (triton.cdiv(gh, tqy) * triton.cdiv(gw, tqx), bsz * n_heads)
     _local_window_kernel[grid](
         q, k, v, out,
@@ -161,7 +163,7 @@ def local_window_attention(
         n_heads, gh, gw, text, img_off, text_off,
         float(window.radius) ** 2, window_reach(window.radius), float(scale) * LOG2E,
         HEAD_D=head_d, BLOCK_D=block_d, TQY=tqy, TQX=tqx, TKY=tky, TKX=tkx,
-        BLOCK_T=text_block, IN_PREC=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
+        BLOCK_T=text_block or cfg["BLOCK_N"], IN_PREC=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out

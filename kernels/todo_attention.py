@@ -136,9 +136,11 @@ def todo_attention(
     if n_q == 0:
         return out
     block_d = block_d_for(head_d)
-    cfg = launch_config(block_d)
+    cfg = launch_config(block_d, q.dtype)
     bm = block_m or cfg["BLOCK_M"]
     bn = block_n or cfg["BLOCK_N"]
+    # "avg" unrolls fy*fx K/V loads per tile; pipelining them would multiply shared memory.
+    stages = 1 if downsample.mode == "avg" else cfg["num_stages"]
     grid = (triton.cdiv(n_q, bm), bsz * n_heads)
     _todo_kernel[grid](
         q, k, v, out,
@@ -151,7 +153,7 @@ def todo_attention(
         FY=fy, FX=fx, MODE=MODES[downsample.mode],
         HEAD_D=head_d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
         IN_PREC=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=stages,
     )  # fmt: skip
     return out
 
