@@ -247,3 +247,20 @@ def test_dit_sources_identical(family):
     plain = pipe.generate(["a cat sitting", "a cat running"], seed=[2, 2])
     assert _same(res.images[0], plain.images[0])
     assert c.selected_layers  # second half of the blocks by default
+
+
+def test_union_variant_formula():
+    layout = BatchLayout.standard(2, True, roles=["source", "target"])
+    ctx = _ctx(layout)
+    c = _bound(MasaCtrl(union=True), ctx.layer.name)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(4, 6, 2, 4, generator=g) for _ in range(3))
+    q2, k2, v2 = c.qkv(ctx, q, k, v)
+    out = attention(q2, k2, v2, regions=c.regions(ctx))
+    for tgt, src in ((1, 0), (3, 2)):
+        kk = torch.cat([k[src : src + 1], k[tgt : tgt + 1]], 1)
+        vv = torch.cat([v[src : src + 1], v[tgt : tgt + 1]], 1)
+        torch.testing.assert_close(out[tgt : tgt + 1], attention(q[tgt : tgt + 1], kk, vv))
+        torch.testing.assert_close(out[src : src + 1], attention(q[src : src + 1], k[src : src + 1], v[src : src + 1]))
+    with pytest.raises(ValueError, match="union"):
+        MasaCtrl(union=True, mask_words="cat")

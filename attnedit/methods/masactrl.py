@@ -73,6 +73,9 @@ class MasaCtrl(Control):
     - `masks`: one foreground mask per image of the call (H x W at the image size) for the
       mask-guided variant; `mask_words`: a word (or one per image) whose cross-attention gives
       the masks automatically, binarised at `mask_threshold` (official 0.1).
+    - `union`: the Union variant: targets read their source's *and their own* keys/values
+      (2N keys; sources keep exactly their own through region labels). This one does add
+      attention work (twice the keys at the controlled layers). UNet/PixArt self-attention only.
     - `layers` / `steps`: explicit `Select` / `Steps` instead of the above.
     """
 
@@ -88,6 +91,7 @@ class MasaCtrl(Control):
         masks: Sequence[Any] | None = None,
         mask_words: str | Sequence[str] | None = None,
         mask_threshold: float = 0.1,
+        union: bool = False,
         layers: Select | None = None,
         steps: Steps | range | tuple | None = None,
     ) -> None:
@@ -101,12 +105,15 @@ class MasaCtrl(Control):
             raise ValueError("give either masks= (explicit) or mask_words= (automatic), not both")
         if not 0.0 <= float(mask_threshold) <= 1.0:
             raise ValueError(f"mask_threshold must be within [0, 1], got {mask_threshold}")
+        if union and (masks is not None or mask_words is not None):
+            raise ValueError("the union variant has no mask-guided form; use union=True without masks/mask_words")
         self.start_step = start_step
         self.end_step = end_step
         self.start_layer = start_layer
         self.masks = list(masks) if masks is not None else None
         self.mask_words = mask_words
         self.mask_threshold = float(mask_threshold)
+        self.union = bool(union)
         self._user_layers = layers
         if steps is None:
             steps = Steps(start_step if start_step is not None else DEFAULT_START, end_step)
@@ -123,7 +130,7 @@ class MasaCtrl(Control):
         picked = self.layers.pick(run.registry) if isinstance(self.layers, Select) else [
             i for i in run.registry if self.layers(i)
         ]
-        picked = [i for i in picked if i.kind in ("self", "joint")]
+        picked = [i for i in picked if i.kind in (("self",) if self.union else ("self", "joint"))]
         if not picked:
             raise ValueError(
                 "MasaCtrl selected no self-attention layer on this model; valid start_layer values are 0.."
@@ -221,6 +228,8 @@ class MasaCtrl(Control):
             return q, k, v
         index = torch.tensor(src, dtype=torch.long, device=k.device)
         img = ctx.image
+        if self.union:  # [K_src; K_own] for every row; sources are held to their own half by regions()
+            return q, torch.cat([k.index_select(0, index), k], 1), torch.cat([v.index_select(0, index), v], 1)
         if ctx.text is None and img.start == 0 and img.stop == k.shape[1]:
             return q, k.index_select(0, index), v.index_select(0, index)
         k2, v2 = k.clone(), v.clone()
@@ -272,7 +281,24 @@ class MasaCtrl(Control):
                 return m.flatten().to(device)
         return None
 
+    def _union_regions(self, ctx: CallContext) -> RegionMask | None:
+        src = self.sources(ctx.layout)
+        if src == list(range(len(src))):
+            return None
+        b, n = ctx.layout.size, ctx.grid[0] * ctx.grid[1]
+        device = ctx.hidden_states.device if ctx.hidden_states is not None else torch.device("cpu")
+        q_lab = torch.zeros(b, n, dtype=torch.long, device=device)
+        k_lab = torch.zeros(b, 2 * n, dtype=torch.long, device=device)
+        k_lab[:, :n] = 1  # the gathered source copy
+        table = torch.ones(b, 2, 2, dtype=torch.bool, device=device)
+        for r in range(b):
+            if src[r] == r:
+                table[r, 0, 1] = False  # a source reads its own keys once
+        return RegionMask(q_lab, k_lab, table)
+
     def regions(self, ctx: CallContext) -> RegionMask | None:
+        if self.union and ctx.layer.name in self.selected_layers:
+            return self._union_regions(ctx)
         if (self._masks is None and self._capture is None) or ctx.layer.name not in self.selected_layers:
             return None
         layout = ctx.layout
