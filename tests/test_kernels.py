@@ -299,3 +299,30 @@ def test_dispatch_torch_path_equals_references():
     torch.testing.assert_close(probs, ref_probs, atol=1e-5, rtol=1e-4)
     _close(out_w, lw.reference_local_window_attention(q, k, v, window), torch.float32)
     _close(out_d, td.reference_todo_attention(q, k, v, spec), torch.float32)
+
+
+# ----------------------------------------------------------------------------- benchmark plan
+
+
+def test_benchmark_plan_matches_the_performance_anchors(capsys):
+    """The GPU benchmark cannot run here; its shapes and FLOP counts can (anchors §5, §6, §8)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = bench  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    cases = {(c.model, c.res, c.layer, c.feature): c for c in bench.build_cases()}
+    flux = {res: cases[("FLUX", res, "joint", "plain")] for res in (1024, 2048, 4096)}
+    assert [c.n_q for c in flux.values()] == [4608, 16896, 66048]
+    assert [round(c.flops() / 1e12, 2) for c in flux.values()] == [0.26, 3.51, 53.6]
+    sd = cases[("SD1.5", 1024, "self latent/1", "plain")]
+    assert (sd.batch, sd.heads, sd.head_dim, sd.n_q) == (2, 8, 40, 16384) and round(sd.flops() / 1e12, 2) == 0.69
+    assert round(cases[("SD1.5", 1024, "self latent/1", "todo")].flops() / 1e12, 2) == 0.17
+    assert cases[("SDXL", 2048, "self latent/2", "plain")].n_q == 16384
+    for side, r, density in ((64, 8, 4.2), (128, 16, 4.3), (256, 8, 0.29)):
+        got = 100 * bench.window_density(LocalWindow((side, side), float(r)))
+        assert abs(got - density) < 0.06
+    assert bench.main(["--dry-run", "--filter", "FLUX 4096"]) == 0
+    assert "5 cases" in capsys.readouterr().out
