@@ -45,15 +45,18 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------ methods
-def method_table(arch: str) -> list[tuple[str, Callable[[], list]]]:
-    """(label, factory of controls) rows for `arch`; CLEAR only on the DiT."""
+def method_table(arch: str, cuda: bool = False) -> list[tuple[str, Callable[[], list]]]:
+    """(label, factory of controls) rows for `arch`; CLEAR only on the DiT (plus FlexAttention rows on CUDA)."""
     rows: list[tuple[str, Callable[[], list]]] = [("plain", list)]
     for f in (2, 3, 4):
         rows.append((f"ToDo df={f}", lambda f=f: [attnedit.ToDo(factor=f)]))
-    rows.append(("Agent (step 0 schedule)", lambda: [attnedit.AgentAttention(steps=Steps(0, None))]))
+    rows.append(("Agent (all steps)", lambda: [attnedit.AgentAttention(steps=Steps(0, None))]))
     if arch == "flux":
         for r in (8, 16, 32):
             rows.append((f"CLEAR r={r}", lambda r=r: [attnedit.CLEAR(radius=r)]))
+        if cuda:
+            for r in (8, 16, 32):
+                rows.append((f"CLEAR r={r} flex", lambda r=r: [attnedit.CLEAR(radius=r, backend="flex")]))
     return rows
 
 
@@ -228,7 +231,7 @@ def run_speed(
         den.to(dev, dt).eval()
         for size in flux_sizes if arch == "flux" else sizes:
             inputs = forward_inputs(arch, pipe, size, text_len, dev, dt)
-            table = method_table(arch)
+            table = method_table(arch, cuda=dev.type == "cuda")
             best: dict[str, dict[str, Any]] = {}
             for rnd in range(repeats + 1):
                 for label, make in table:

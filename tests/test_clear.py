@@ -245,3 +245,13 @@ def test_attention_loss_layers_follow_the_official_indices():
                                 axes_dims_rope=(0, 2, 2))
     assert attention_loss_layers(tr) == [f"single_transformer_blocks.{i}.attn" for i in (1, 5, 9)]
     assert attention_loss_layers(tr, r"transformer_blocks\.0\.attn") == ["transformer_blocks.0.attn"]
+
+
+def test_clear_with_todo_on_the_same_layers_is_refused_before_denoising():
+    ep = attnedit.load("tiny-flux")
+    for controls in ([attnedit.ToDo(), CLEAR(radius=2)], [CLEAR(radius=2), attnedit.ToDo()]):
+        with pytest.raises(ValueError, match="both change the keys"):
+            ep.generate("a red circle", controls=controls, steps=1)
+    # disjoint layers are fine
+    ep.generate("a red circle", steps=1, controls=[
+        attnedit.ToDo(layers=attnedit.Select(block="double")), CLEAR(radius=2, layers=attnedit.Select(block="single"))])

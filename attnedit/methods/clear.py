@@ -284,6 +284,17 @@ class CLEAR(Control):
             )
         if not self.selected_layers:
             raise ValueError("CLEAR selected no self- or joint-attention layer on this model")
+        ctrl = getattr(run.pipe, "_attnedit_controller", None)
+        for other in getattr(ctrl, "controls", ()):
+            if other is self or not other.overrides("downsample"):
+                continue
+            theirs = {i.name for i in (other.layers.pick(run.registry) if isinstance(other.layers, Select)
+                                       else [i for i in run.registry if other.layers(i)])}
+            shared = sorted(theirs & self.selected_layers)
+            if shared:
+                raise ValueError(
+                    f"CLEAR and {other.name!r} both change the keys of layer {shared[0]}; give them disjoint `layers=`"
+                )
         if self.down_factor is not None:
             if self.weights is None:
                 denoiser = getattr(run.pipe, run.family.denoiser)
