@@ -103,6 +103,7 @@ class Summary:
     skipped: int = 0
     failed: list[tuple[int, str, str]] = field(default_factory=list)  # (line, file stem, reason)
     invalid: list[Problem] = field(default_factory=list)
+    duplicates: int = 0  # images asked for twice in the file (made once)
     seconds: float = 0.0
 
     def merge(self, other: Summary) -> None:
@@ -154,6 +155,7 @@ def _read_jsonl(text: str) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
                 problems.append(Problem(no, "defaults must be an object"))
             else:
                 defaults, defaults_line = data["defaults"], no
+                problems += _check_defaults(defaults, no)
             continue
         entries.append(Entry(no, data))
     return defaults, entries, problems
@@ -182,6 +184,7 @@ def _read_yaml(text: str) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
                     problems.append(Problem(key_node.start_mark.line + 1, "defaults must be a mapping"))
                 else:
                     defaults = data["defaults"]
+                    problems += _check_defaults(defaults, key_node.start_mark.line + 1)
             elif key == "jobs":
                 if not isinstance(value_node, yaml.SequenceNode):
                     problems.append(Problem(key_node.start_mark.line + 1, "jobs must be a list"))
@@ -246,11 +249,18 @@ def _read_yaml_chunks(text: str) -> tuple[dict[str, Any], list[Entry], list[Prob
                 problems.append(Problem(start + 1, "defaults must be a mapping"))
             else:
                 defaults = value
+                problems += _check_defaults(defaults, start + 1)
         elif isinstance(value, list) and len(value) == 1:
             entries.append(Entry(start + 1, value[0]))
         else:
             problems.append(Problem(start + 1, "could not read this job"))
     return defaults, entries, problems
+
+
+def _check_defaults(defaults: dict[str, Any], line: int) -> list[Problem]:
+    valid = ", ".join(DEFAULT_KEYS)
+    return [Problem(line, f"unknown key {k!r} in defaults{_close(k, DEFAULT_KEYS)}; valid keys: {valid}")
+            for k in defaults if k not in DEFAULT_KEYS]
 
 
 def _dedent(lines: list[str]) -> str:
@@ -382,10 +392,6 @@ def plan(
     load_methods()
     defaults, entries, problems = read_jobs(path)
     result = Plan(problems=list(problems), jobs=len(entries))
-    bad_defaults = [k for k in defaults if k not in DEFAULT_KEYS]
-    for k in bad_defaults:
-        result.problems.append(Problem(0, f"unknown key {k!r} in defaults{_close(k, DEFAULT_KEYS)}; "
-                                          f"valid keys: {', '.join(DEFAULT_KEYS)}"))
     result.model = model or defaults.get("model")
     file_defaults = {k: v for k, v in defaults.items() if k in JOB_KEYS and k not in ("id", "prompt", "prompts")}
     cli = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -395,6 +401,9 @@ def plan(
             units = _expand(entry, file_defaults, cli, pipe, result.model)
         except ValueError as err:
             result.problems.append(Problem(entry.line, str(err)))
+            continue
+        except Exception as err:  # e.g. a control given an option of the wrong type
+            result.problems.append(Problem(entry.line, f"{type(err).__name__}: {err}"))
             continue
         for u in units:
             if u.key in seen:
@@ -687,6 +696,7 @@ class Runner:
     def run(self, batch: list[Unit], summary: Summary) -> None:
         todo = [u for u in batch if not is_complete(self.out, u)]
         summary.skipped += len(batch) - len(todo)
+        self._tick(len(batch) - len(todo))
         if not todo:
             return
         try:
@@ -724,7 +734,10 @@ class Runner:
                 maps_file = f"{u.stem}.maps.png"
                 grid = map_grid(store.word_maps(i), result.images[i])
                 tmp = self.out / f".{maps_file}.tmp"
-                grid.save(tmp, format="PNG")
+                with open(tmp, "wb") as fh:
+                    grid.save(fh, format="PNG")
+                    fh.flush()
+                    os.fsync(fh.fileno())
                 os.replace(tmp, self.out / maps_file)
             sidecar = {
                 SIDECAR_TAG: u.key,
@@ -752,9 +765,16 @@ class Runner:
             self._tick(1)
 
     def _save(self, image: Any, sidecar: dict[str, Any]) -> None:
-        from .pipeline import save_image
-
-        save_image(image, self.out / sidecar["image"], sidecar)
+        """PNG, then sidecar, each written to a temp name, flushed to disk and renamed: after a
+        kill or a power cut the sidecar never exists without its complete PNG."""
+        png = self.out / sidecar["image"]
+        tmp = png.with_name(f".{png.name}.tmp")
+        with open(tmp, "wb") as fh:
+            image.save(fh, format="PNG")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, png)
+        _write_atomic(png.with_suffix(".json"), json.dumps(sidecar, indent=2, default=str))
 
     def _tick(self, n: int) -> None:
         if self.progress is not None:
@@ -794,7 +814,7 @@ def run_batch(
     if pipe is None:
         pipe = load(model_name, device=device or state.device, dtype=dtype)
     the_plan = plan(jobs, pipe, overrides, model_name)
-    summary = Summary(invalid=the_plan.problems)
+    summary = Summary(invalid=the_plan.problems, duplicates=the_plan.duplicates)
     if main:
         for p in the_plan.problems:
             print(f"{jobs}:{p.line}: {p.message}" + ("" if strict else " (skipped)"), file=log)
@@ -821,7 +841,7 @@ def run_batch(
     if main:  # batches finished before this run: counted once, not by every process
         local.skipped += sum(len(b) for b in batches) - sum(len(b) for b in pending)
     merged = _gather(local, state)
-    merged.invalid = the_plan.problems
+    merged.invalid, merged.duplicates = the_plan.problems, the_plan.duplicates
     if main:
         rebuild_manifest(out, the_plan.units)
     state.wait_for_everyone()
@@ -856,7 +876,8 @@ def print_summary(summary: Summary, jobs: str, log: Any = None) -> None:
     log = log or sys.stdout
     print(f"attnedit batch: {summary.done} done, {summary.skipped} skipped (already complete), "
           f"{len(summary.failed)} failed, {len(summary.invalid)} invalid job line(s) "
-          f"in {summary.seconds:.1f}s", file=log)
+          + (f"({summary.duplicates} duplicate image(s) made once) " if summary.duplicates else "")
+          + f"in {summary.seconds:.1f}s", file=log)
     for line, stem, reason in summary.failed:
         print(f"  failed {jobs}:{line} {stem}: {reason}", file=log)
     for p in summary.invalid:

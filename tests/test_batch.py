@@ -125,10 +125,13 @@ def test_jsonl_problems_are_reported_with_line_numbers(tmp_path):
         '{"prompt": "a cow", "seeds": [1], "seed": 3}\n'  # 8
         '["not", "a", "job"]\n'  # 9
         '{"prompt": "a hen", "seeds": 2}\n'
+        '{"prompt": "a hen", "controls": [{"name": "store", "words": 5}]}\n'  # 11: wrong type
+        '{"defaults": {"stepz": 2}}\n'  # 12: a second defaults line
     )
     result = batch.plan(path)
     lines = {p.line: p.message for p in result.problems}
-    assert sorted(lines) == [4, 5, 6, 7, 8, 9]
+    assert sorted(lines) == [4, 5, 6, 7, 8, 9, 11, 12]
+    assert lines[11].startswith("TypeError") and "second defaults line" in lines[12]
     assert "not valid JSON" in lines[4]
     assert "'sedes'" in lines[5] and "did you mean 'seeds'" in lines[5]
     assert "unknown control 'no_such_control'" in lines[6] and "store" in lines[6]
@@ -144,6 +147,7 @@ def test_yaml_syntax_error_keeps_the_other_jobs(tmp_path):
     path.write_text(
         "defaults:\n"
         "  steps: 3\n"
+        "  stepz: 4\n"
         "jobs:\n"
         "  - prompt: a cat\n"
         "    seeds: [0, 1\n"  # line 5: unclosed list
@@ -153,10 +157,11 @@ def test_yaml_syntax_error_keeps_the_other_jobs(tmp_path):
         "    seeds: 2\n"
     )
     result = batch.plan(path)
-    assert [(p.line, p.message.split(":")[0]) for p in result.problems] == [(5, "YAML syntax error"),
-                                                                             (6, "unknown key 'colour'; valid keys")]
-    assert [(u.prompt, u.seed, u.line, u.settings["steps"]) for u in result.units] == [("a bird", 0, 8, 3),
-                                                                                       ("a bird", 1, 8, 3)]
+    assert [(p.line, p.message.split(":")[0]) for p in result.problems] == [
+        (1, "unknown key 'stepz' in defaults (did you mean 'steps'?); valid keys"),
+        (6, "YAML syntax error"), (7, "unknown key 'colour'; valid keys")]
+    assert [(u.prompt, u.seed, u.line, u.settings["steps"]) for u in result.units] == [("a bird", 0, 9, 3),
+                                                                                       ("a bird", 1, 9, 3)]
 
 
 def test_precedence_job_then_cli_then_defaults(tmp_path):
