@@ -18,8 +18,8 @@ What is measured (no GPU in this project's sessions, so nothing here is a CUDA r
    SDPA is replaced by a function that saves what the fused kernels
    save (q, k, v, out and the log-sum-exp), because the meta device would otherwise take the math path and
    count N x N matrices that flash / memory-efficient attention never store.
-2. "real": peak resident memory of a real forward + backward on the CPU (`ru_maxrss` in a fresh process,
-   minus the resident size just before the step) at a small size, to check the accounting against an
+2. "real": peak resident memory of a real forward + backward on the CPU (VmHWM in a fresh process, reset
+   just before the step, minus the resident size at that moment) at a small size, to check the accounting against an
    allocator. Weights, K/V gradients and Adam states are listed separately (they do not depend on the maps).
 """
 
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--real-size", type=int, default=128, help="size of the real CPU check (0 = skip)")
+    ap.add_argument("--real-variants", default=",".join(VARIANTS), help="variants of the real CPU check")
     ap.add_argument("--out", default="benchmarks/results/attencraft_memory.json")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nreal CPU check at {args.real_size}x{args.real_size} (fresh process per variant)")
         print(f"{'variant':<20}{'accounting GiB':>16}{'real peak - before GiB':>24}")
         real = {}
-        for v in VARIANTS:
+        for v in args.real_variants.split(","):
             acc = step(v, args.real_size, "meta", backward=False)["saved"]
             cmd = [sys.executable, __file__, "--_child", v, str(args.real_size)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]

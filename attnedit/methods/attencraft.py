@@ -352,7 +352,9 @@ def load_concepts(edit_pipe: Any, path: str | Path) -> list[str]:
     """
     pipe = getattr(edit_pipe, "pipe", edit_pipe)
     meta, tensors = read_concepts(path)
-    family = getattr(getattr(edit_pipe, "family", None), "name", None)
+    from ..families import family_of
+
+    family = family_of(pipe).name
     if meta.get("family") != family:
         raise ValueError(f"{path} holds concepts for a {meta.get('family')!r} model, this pipeline is {family!r}")
     differs = _same_fingerprint(meta.get("fingerprint", {}), model_fingerprint(pipe))

@@ -757,7 +757,11 @@ class AttenCraftTrainer:
         from tqdm.auto import tqdm
 
         if not self._prepared:
-            self.prepare()
+            try:
+                self.prepare()
+            except BaseException:
+                self.close()
+                raise
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), disable=not self.progress,
                    desc="attencraft", dynamic_ncols=True)
