@@ -141,8 +141,8 @@ def downsample_kv(x: torch.Tensor, spec: KVDownsample) -> torch.Tensor:
         xs = torch.arange(ow, device=x.device) * fw
         small = img[:, :, ys][:, :, :, xs]
     elif spec.mode == "nearest-exact":
-        ys = grid_centres(h, oh, x.device)
-        xs = grid_centres(w, ow, x.device)
+        ys = grid_centres(h, fh, x.device)
+        xs = grid_centres(w, fw, x.device)
         small = img[:, :, ys][:, :, :, xs]
     elif spec.mode == "avg":
         small = F.avg_pool2d(
@@ -159,13 +159,15 @@ def downsample_kv(x: torch.Tensor, spec: KVDownsample) -> torch.Tensor:
     return torch.cat([x[:, :start], small, x[:, end:]], dim=1)
 
 
-def grid_centres(size: int, out: int, device: torch.device | None = None) -> torch.Tensor:
+def grid_centres(size: int, factor: int, device: torch.device | None = None) -> torch.Tensor:
     """Source index of each output cell for 'nearest-exact' on a ceil-divided grid.
 
-    Cell i covers [i*f, min((i+1)*f, size)); its centre token is the middle of that range, so
-    partial border cells pick a token that exists (torch's interpolate would pick floor((i+.5)*size/out)).
+    Cell i covers [i*f, min((i+1)*f, size)) with f = `factor`; its centre token is the middle of
+    that range, so partial border cells pick a token that exists (torch's interpolate would pick
+    floor((i+.5)*size/out), which drifts from the cells "nearest" and "avg" use on odd sizes).
     """
-    f = -(-size // out)
+    f = factor
+    out = -(-size // f)
     starts = torch.arange(out, device=device) * f
     ends = torch.clamp(starts + f, max=size)
     return (starts + ends - 1) // 2

@@ -93,7 +93,7 @@ def _todo_kernel(
             if MODE == 0:
                 sy = cy * FY
                 sx = cx * FX
-            else:  # centre of the cell [c*f, min((c+1)*f, size)) with f = cell_y / cell_x
+            else:  # centre of the cell [c*f, min((c+1)*f, size)), f = the factor (cell_y, cell_x)
                 sy = (2 * cy * cell_y + tl.minimum(cell_y, grid_h - cy * cell_y) - 1) // 2
                 sx = (2 * cx * cell_x + tl.minimum(cell_x, grid_w - cx * cell_x) - 1) // 2
             src = tl.where(in_img, start + sy * grid_w + sx, plain)
@@ -149,7 +149,7 @@ def todo_attention(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         n_heads, n_q, n_k_out, downsample.start, gh, gw, ow, oh * ow,
-        -(-gh // oh), -(-gw // ow), float(scale) * LOG2E,
+        fy, fx, float(scale) * LOG2E,
         FY=fy, FX=fx, MODE=MODES[downsample.mode],
         HEAD_D=head_d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
         IN_PREC=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),

@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton reads this when kernels are decorated (at import), so it must be set before any test
+# imports triton: every kernel runs under the interpreter on CPU-only machines.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -53,8 +53,10 @@ def test_downsample_nearest_exact_on_odd_grid():
     spec = KVDownsample(grid=grid, factor=(2, 2), mode="nearest-exact")
     assert spec.out_grid == (3, 4)
     out = downsample_kv(x, spec).view(3, 4)
-    ys, xs = grid_centres(5, 3), grid_centres(7, 4)
+    ys, xs = grid_centres(5, 2), grid_centres(7, 2)
     assert ys.tolist() == [0, 2, 4] and xs.tolist() == [0, 2, 4, 6]
+    # cells follow the factor: 9 tokens, factor 4 -> cells [0,4) [4,8) [8,9) -> centres 1, 5, 8
+    assert grid_centres(9, 4).tolist() == [1, 5, 8]
     assert out[1, 2].item() == 2 * 7 + 4
     avg = downsample_kv(x, KVDownsample(grid=grid, factor=(2, 2), mode="avg")).view(3, 4)
     assert avg[0, 0].item() == pytest.approx((0 + 1 + 7 + 8) / 4)
