@@ -225,3 +225,37 @@ def test_bad_words_and_models_fail_before_denoising(sd):
     with pytest.raises(ValueError, match="not supported"):
         attnedit.load("tiny-sd3")(PROMPT, seed=0, steps=1, controls=[attnedit.BoundedAttention(
             boxes=BOXES, words=["cat", "dog"])])
+
+
+def _layout_unet(sdxl: bool):
+    import diffusers as d
+
+    if sdxl:
+        return d.UNet2DConditionModel(
+            block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=32, sample_size=128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2,
+            transformer_layers_per_block=(1, 2, 10), norm_num_groups=8)
+    return d.UNet2DConditionModel(block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, attention_head_dim=2,
+                                  layers_per_block=2, sample_size=64, norm_num_groups=8)
+
+
+def test_official_layers_on_real_layouts():
+    from attnedit.guidance import default_map_layers, map_level
+    from attnedit.layers import build_registry
+    from attnedit.methods.bounded import _official_layers
+
+    reg = build_registry(_layout_unet(False), "sd")
+    loss, mask = _official_layers(reg.ordered(), "sd", map_level(reg, 64))
+    names = [i.name.replace(".transformer_blocks.0", "") for i in loss]
+    assert names == ["mid_block.attentions.0.attn1", "mid_block.attentions.0.attn2"] + [
+        f"up_blocks.1.attentions.{a}.attn{k}" for a in range(3) for k in (1, 2)]  # official module idx 12-19
+    assert mask == loss[2:]  # 14-19
+    ae = [i.name for i in default_map_layers(reg, "sd", 64)]
+    assert ae == [f"down_blocks.2.attentions.{a}.transformer_blocks.0.attn2" for a in range(2)] + [
+        f"up_blocks.1.attentions.{a}.transformer_blocks.0.attn2" for a in range(3)]  # the A&E 16x16 layers
+    reg = build_registry(_layout_unet(True), "sdxl")
+    loss, mask = _official_layers(reg.ordered(), "sdxl", map_level(reg, 128))
+    assert [i.name for i in loss] == [f"up_blocks.0.attentions.0.transformer_blocks.{t}.attn{k}"
+                                      for t in range(1, 7) for k in (1, 2)]  # official 70-81
+    assert mask == loss

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..controls import CallContext, register
-from ..guidance import GuidanceControl, LayerMaps, StepPlan, resolve_subjects
+from ..guidance import GuidanceControl, LayerMaps, StepPlan, map_level, native_latent_side, resolve_subjects
 from ..kernels.types import RegionMask
 from ..layers import LayerInfo
 from ..losses import bounded_iou_loss, linear_schedule
@@ -252,7 +252,8 @@ class BoundedAttention(GuidanceControl):
         reg = run.registry.ordered()
         if self._custom_layers:
             return [i for i in reg if i.name in self.selected_layers]
-        loss, mask = _official_layers(reg, run.family.name)
+        level = map_level(run.registry, native_latent_side(getattr(run.pipe, run.family.denoiser)))
+        loss, mask = _official_layers(reg, run.family.name, level)
         self.state.mask_layers = frozenset(i.name for i in mask)
         return loss
 
@@ -497,21 +498,24 @@ def _resolve_step(value: float | int, total: int) -> int:
     return int(value)
 
 
-def _official_layers(reg: list[LayerInfo], family: str) -> tuple[list[LayerInfo], list[LayerInfo]]:
-    """Loss and mask layers by module name (official module indices 12-19 / 14-19 on SD 1.5,
-    70-81 on SDXL), generalised to UNets of other depths."""
-    up_blocks = sorted({i.block_index for i in reg if i.block == "up"})
-    if not up_blocks:
-        raise ValueError("BoundedAttention needs a UNet with attention in its decoder")
-    first = up_blocks[0]
-    first_up = [i for i in reg if i.block == "up" and i.block_index == first]
+def _official_layers(reg: list[LayerInfo], family: str, level: int) -> tuple[list[LayerInfo], list[LayerInfo]]:
+    """Loss and mask layers by module name, generalised by grid level.
+
+    Official: SD 1.5 module indices 12-19 (loss) = `mid_block` + `up_blocks.1`, 14-19 (masks) =
+    `up_blocks.1`; SDXL 70-81 = `up_blocks.0.attentions.0.transformer_blocks.1..6`. Here: the
+    decoder layers at the map level (latent/4 on real models, see `guidance.map_level`), plus on
+    SD the mid block when it sits one level below; on SDXL the first such attention, blocks 1-6.
+    """
+    ups = [i for i in reg if i.block == "up" and i.level == level]
+    if not ups:
+        raise ValueError(f"BoundedAttention needs decoder attention layers at level {level}")
     if family == "sdxl":
-        loss = [i for i in first_up if i.attention_index == 0 and 1 <= i.transformer_index <= 6]
-        if not loss:
-            loss = [i for i in first_up if i.attention_index == 0]
+        first = min(i.block_index for i in ups)
+        head = [i for i in ups if i.block_index == first and i.attention_index == 0]
+        loss = [i for i in head if 1 <= i.transformer_index <= 6] or head
         return loss, loss
-    mid = [i for i in reg if i.block == "mid"]
-    return mid + first_up, first_up
+    mid = [i for i in reg if i.block == "mid" and i.level == level + 1]
+    return mid + ups, ups
 
 
 __all__ = ["BoundedAttention", "box_masks", "cross_table", "kmeans", "self_table"]
