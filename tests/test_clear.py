@@ -231,6 +231,9 @@ def test_checkpoint_resume_and_cli(tmp_path):
         distill_clear("tiny-flux", out, radius=0)
     with pytest.raises(ValueError, match="FLUX"):
         distill_clear("tiny-sd3", out, radius=2, max_steps=1, num_samples=1, device="cpu")
+    mixed = distill_clear("tiny-flux", tmp_path / "bf16.safetensors", radius=2, down_factor=2, num_samples=1,
+                          max_steps=2, dtype="bf16", mixed_precision="bf16", progress=False, device="cpu")
+    assert mixed.steps == 2 and all(torch.isfinite(torch.tensor(mixed.losses)))
     cli_out = tmp_path / "cli.safetensors"
     assert main(["train", "clear", "--out", str(cli_out), "--radius", "2", "--max-steps", "1", "--num-samples", "1",
                  "--device", "cpu"]) == 0

@@ -154,12 +154,15 @@ def distill_clear(
     fixed_batch: bool = False,
     seed: int = 0,
     device: str | None = None,
+    dtype: str | torch.dtype | None = None,
     save_dtype: torch.dtype | None = None,
     progress: bool = True,
     edit_pipe=None,
 ) -> DistillResult:
     """Distil a CLEAR student of `model` and write its adapter to `out`.
 
+    `dtype` loads the model in that precision (e.g. "bf16" for FLUX-dev); with `mixed_precision`
+    on, the trained tensors are kept in float32 (master weights) and the forward runs under autocast.
     `fixed_batch=True` trains on one fixed (x0, noise, t) batch (a loss-goes-down check);
     `checkpoint_every` saves `accelerate` states under `checkpoint_dir`, `resume` ("latest" or a
     checkpoint folder) continues from one.
@@ -168,6 +171,7 @@ def distill_clear(
     >>> pipe = attnedit.load("tiny-flux", clear=res.adapter)
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -191,12 +195,15 @@ def distill_clear(
     if checkpoint_every and checkpoint_dir is None:
         checkpoint_dir = Path(out).with_suffix("").as_posix() + "-checkpoints"
 
+    # a second run in the same process may use other precision settings: drop accelerate's
+    # per-process AcceleratorState (the distributed PartialState stays)
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=device == "cpu"
     )
     set_seed(seed)
     if edit_pipe is None:
-        edit_pipe = load(model, device=device or accelerator.device)
+        edit_pipe = load(model, device=device or accelerator.device, dtype=dtype)
     if edit_pipe.family.name != "flux":
         raise ValueError(
             f"CLEAR distillation is implemented for FLUX-architecture DiTs; {model!r} is {edit_pipe.family.label}"
@@ -224,6 +231,8 @@ def distill_clear(
             for name, p in clear.weights.named_parameters():
                 train_params[f"attnedit_clear.{name}"] = p
         for p in train_params.values():
+            if mixed_precision != "no" and p.dtype != torch.float32:
+                p.data = p.data.float()  # float32 master weights; autocast casts them per op
             p.requires_grad_(True)
         params = list(train_params.values())
         if optimizer == "prodigy":
@@ -249,11 +258,11 @@ def distill_clear(
             raise ValueError(f"checkpoint is at step {start}, max_steps is {max_steps}: nothing to train")
 
         dev = accelerator.device
-        dtype = next(teacher.parameters()).dtype
+        model_dtype = next(teacher.parameters()).dtype
         n_img = data["x0"].shape[1]
         lh, lw = 2 * (height // (edit_pipe.vae_scale_factor * 2)), 2 * (width // (edit_pipe.vae_scale_factor * 2))
-        img_ids = edit_pipe.pipe._prepare_latent_image_ids(1, lh // 2, lw // 2, dev, dtype)
-        txt_ids = torch.zeros(data["prompt_embeds"].shape[1], 3, device=dev, dtype=dtype)
+        img_ids = edit_pipe.pipe._prepare_latent_image_ids(1, lh // 2, lw // 2, dev, model_dtype)
+        txt_ids = torch.zeros(data["prompt_embeds"].shape[1], 3, device=dev, dtype=model_dtype)
         if img_ids.shape[0] != n_img:
             raise RuntimeError(f"image ids ({img_ids.shape[0]}) do not match the latents ({n_img} tokens)")
         use_guidance = bool(getattr(student.config, "guidance_embeds", False))
@@ -263,7 +272,7 @@ def distill_clear(
                    not accelerator.is_local_main_process)
 
         def forward(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, batch: dict[str, torch.Tensor]):
-            g = torch.full((x.shape[0],), guidance, device=dev, dtype=dtype) if use_guidance else None
+            g = torch.full((x.shape[0],), guidance, device=dev, dtype=model_dtype) if use_guidance else None
             return module(
                 hidden_states=x, timestep=t, guidance=g, pooled_projections=batch["pooled"],
                 encoder_hidden_states=batch["prompt_embeds"], txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
@@ -272,10 +281,10 @@ def distill_clear(
         for step in range(start, max_steps):
             gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + (0 if fixed_batch else step + 1))
             idx = torch.randint(0, num_samples, (batch_size,), generator=gen)
-            batch = {k: v[idx].to(dev, dtype) for k, v in data.items()}
+            batch = {k: v[idx].to(dev, model_dtype) for k, v in data.items()}
             x0 = batch["x0"]
-            noise = torch.randn(x0.shape, generator=gen).to(dev, dtype)
-            t = torch.rand(batch_size, generator=gen).to(dev, dtype)
+            noise = torch.randn(x0.shape, generator=gen).to(dev, model_dtype)
+            t = torch.rand(batch_size, generator=gen).to(dev, model_dtype)
             xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
             with accelerator.accumulate(student_p):
                 with torch.no_grad(), ctrl.pass_phase("guidance", step=0):
@@ -361,6 +370,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
+    p.add_argument("--dtype", default=None, help="load the model in float32 (default), bf16 or fp16")
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
@@ -380,7 +390,7 @@ def _cli(args: argparse.Namespace) -> int:
         guidance=args.guidance, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, optimizer=args.optimizer, mixed_precision=args.mixed_precision,
         checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, dtype=args.dtype,
     )
     first, last = (res.losses[0], res.losses[-1]) if res.losses else (float("nan"), float("nan"))
     print(f"wrote {res.adapter} after {res.steps} steps (loss {first:.4f} -> {last:.4f})")
