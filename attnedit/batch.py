@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -528,9 +529,18 @@ def check_with_model(pipe: Any, prompts: list[str], settings: dict[str, Any], co
     if len(prompts) > 1:
         roles = ["source"] + ["target"] * (len(prompts) - 1)
         layout = BatchLayout.standard(len(prompts), cfg, groups=[0] * len(prompts), roles=roles)
-    ctrl = Controller(pipe.pipe, controls)
-    ctrl.begin_run(prompts, num_steps=settings["steps"], height=h, width=w, cfg=cfg, layout=layout,
-                   max_sequence_length=pipe.call_defaults().get("max_sequence_length"))
+    ctrl = _CHECKERS.get(pipe)
+    if ctrl is None:  # one controller per pipeline: its layer registry is built once, not per job
+        ctrl = _CHECKERS[pipe] = Controller(pipe.pipe, [])
+    ctrl.controls = list(controls)
+    try:
+        ctrl.begin_run(prompts, num_steps=settings["steps"], height=h, width=w, cfg=cfg, layout=layout,
+                       max_sequence_length=pipe.call_defaults().get("max_sequence_length"))
+    finally:
+        ctrl.controls = []
+
+
+_CHECKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # Controls whose effect on an image depends on the other images of its call (MasaCtrl: sample 0 is
@@ -682,9 +692,15 @@ def _distributed_state(cpu: bool | None = None):
 
 
 class Runner:
-    """Makes the images of one process's batches and writes them (also used by the benchmark)."""
+    """Makes the images of one process's batches and writes them (also used by the benchmark).
+
+    Files are written by one background thread while the next batch denoises (PNG encoding and
+    fsync cost as much as a small model's forward passes); at most one batch waits to be written.
+    """
 
     def __init__(self, pipe: Any, out: Path, model: str, progress: Any = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from .pipeline import versions
 
         self.pipe = pipe
@@ -692,6 +708,24 @@ class Runner:
         self.model = model
         self.versions = versions()
         self.progress = progress
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnedit-batch-writer")
+        self._writing: Any = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait until every image handed to the writer is on disk."""
+        self.flush()
+        self._writer.shutdown(wait=True)
+
+    def flush(self) -> None:
+        if self._writing is not None:
+            self._writing.result()
+            self._writing = None
 
     def run(self, batch: list[Unit], summary: Summary) -> None:
         todo = [u for u in batch if not is_complete(self.out, u)]
@@ -700,20 +734,21 @@ class Runner:
         if not todo:
             return
         try:
-            self._generate(batch, todo, summary)
+            files = self._generate(batch, todo)
         except Exception as err:  # a control that raises: isolate it, the others go on
             if len(batch) == 1 or batch[0].group:  # a group only makes sense as a whole
-                failed = [u for u in todo if not is_complete(self.out, u)]
-                summary.failed += [(u.line, u.stem, f"{type(err).__name__}: {err}") for u in failed]
-                self._tick(len(failed))
+                summary.failed += [(u.line, u.stem, f"{type(err).__name__}: {err}") for u in todo]
+                self._tick(len(todo))
                 return
             for u in todo:
-                if not is_complete(self.out, u):
-                    self.run([u], summary)
+                self.run([u], summary)
+            return
+        self.flush()
+        self._writing = self._writer.submit(self._write, files, summary)
 
-    def _generate(self, batch: list[Unit], todo: list[Unit], summary: Summary) -> None:
+    def _generate(self, batch: list[Unit], todo: list[Unit]) -> list[tuple[Unit, Any, Any, dict[str, Any]]]:
         """The whole batch is computed again (so pixels never depend on what was done before);
-        only the missing images are written."""
+        returns (unit, image, map grid or None, sidecar) of the missing images."""
         from .visualize import map_grid
 
         s = batch[0].settings
@@ -726,23 +761,15 @@ class Runner:
         )
         options = [{"name": c.name, **c.options()} for c in controls]
         wanted = {u.key for u in todo}
+        files = []
         for i, u in enumerate(batch):
             if u.key not in wanted:
                 continue
-            maps_file = None
-            if store is not None:
-                maps_file = f"{u.stem}.maps.png"
-                grid = map_grid(store.word_maps(i), result.images[i])
-                tmp = self.out / f".{maps_file}.tmp"
-                with open(tmp, "wb") as fh:
-                    grid.save(fh, format="PNG")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.out / maps_file)
+            grid = map_grid(store.word_maps(i), result.images[i]) if store is not None else None
             sidecar = {
                 SIDECAR_TAG: u.key,
                 "image": f"{u.stem}.png",
-                "maps_file": maps_file,
+                "maps_file": f"{u.stem}.maps.png" if grid is not None else None,
                 "model": self.model,
                 "family": self.pipe.family.name,
                 "prompt": u.prompt,
@@ -759,26 +786,36 @@ class Runner:
                 "job": {"line": u.line, "id": u.job_id},
                 "versions": self.versions,
             }
-            self._save(result.images[i], sidecar)
-            append_manifest(self.out, _manifest_row(sidecar))
-            summary.done += 1
+            files.append((u, result.images[i], grid, sidecar))
+        return files
+
+    def _write(self, files: list[tuple[Unit, Any, Any, dict[str, Any]]], summary: Summary) -> None:
+        """Maps grid, PNG, then sidecar (the completion mark), then the manifest line."""
+        for u, image, grid, sidecar in files:
+            try:
+                if grid is not None:
+                    _write_png(self.out / sidecar["maps_file"], grid)
+                _write_png(self.out / sidecar["image"], image)
+                _write_atomic(self.out / f"{u.stem}.json", json.dumps(sidecar, indent=2, default=str))
+                append_manifest(self.out, _manifest_row(sidecar))
+                summary.done += 1
+            except Exception as err:  # disk full, permissions: reported, the run goes on
+                summary.failed.append((u.line, u.stem, f"writing failed: {type(err).__name__}: {err}"))
             self._tick(1)
 
-    def _save(self, image: Any, sidecar: dict[str, Any]) -> None:
-        """PNG, then sidecar, each written to a temp name, flushed to disk and renamed: after a
-        kill or a power cut the sidecar never exists without its complete PNG."""
-        png = self.out / sidecar["image"]
-        tmp = png.with_name(f".{png.name}.tmp")
-        with open(tmp, "wb") as fh:
-            image.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, png)
-        _write_atomic(png.with_suffix(".json"), json.dumps(sidecar, indent=2, default=str))
-
     def _tick(self, n: int) -> None:
-        if self.progress is not None:
+        if self.progress is not None and n:
             self.progress.update(n)
+
+
+def _write_png(path: Path, image: Any) -> None:
+    """Temp name, flushed to disk, renamed: after a kill or a power cut the file is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        image.save(fh, format="PNG")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def run_batch(
@@ -830,12 +867,11 @@ def run_batch(
     local = Summary()
     with state.split_between_processes(pending) as mine:
         bar = _progress_bar(sum(len(b) for b in mine), rank, world, progress)
-        runner = Runner(pipe, out, model_name, bar)
-        for batch in mine:
-            before = len(local.failed)
-            runner.run(batch, local)
-            if strict and len(local.failed) > before:
-                break
+        with Runner(pipe, out, model_name, bar) as runner:
+            for batch in mine:
+                runner.run(batch, local)
+                if strict and local.failed:
+                    break
         if bar is not None:
             bar.close()
     if main:  # batches finished before this run: counted once, not by every process

@@ -216,6 +216,15 @@ def test_validate_checks_words_boxes_controls_and_writes_nothing(tmp_path, capsy
     assert set(tmp_path.iterdir()) == before
 
 
+def test_example_job_files_are_valid_and_equivalent(pipe):
+    plans = [batch.plan(ROOT / "assets" / "examples" / name, pipe, model="tiny-sd")
+             for name in ("jobs.jsonl", "jobs.yaml")]
+    for result in plans:
+        assert result.problems == [] and len(result.units) == 16
+        assert {u.settings["height"] for u in result.units} == {512} and result.units[-1].role == "target"
+    assert [u.key for u in plans[0].units] == [u.key for u in plans[1].units]
+
+
 # ------------------------------------------------------------------------------ determinism
 def test_batched_images_match_one_at_a_time(pipe):
     """One seed per image: a batch gets bit-identical initial latents and text embeddings, so an
