@@ -149,18 +149,17 @@ def test_control_loss_on_synthetic_maps(ran):
 
 
 def test_official_schedule(ran):
-    plans = [ran.plan(i, 50) for i in range(3)]
-    lo, hi = ran.state.guide_window
-    assert (lo, hi) == (0, 0)  # the one-step run: 30 % of 1 step rounds to none
-    ran.state.guide_window = (0, 15)
-    try:
-        assert ran.plan(0, 50).step_size == pytest.approx(8.0)
-        assert ran.plan(14, 50).step_size == pytest.approx(8.0 - 6.0 * 14 / 15)
-        p = ran.plan(3, 50)
-        assert (p.iterations, p.target, p.check, p.final_update) == (5, pytest.approx(0.4), "after", False)
-    finally:
-        ran.state.guide_window = (lo, hi)
-    assert plans
+    assert ran.plan(0, 50).step_size == pytest.approx(8.0)
+    assert ran.state.guide_window == (0, 15)  # 30 % of 50 steps: the official 15
+    assert ran.plan(14, 50).step_size == pytest.approx(8.0 - 6.0 * 14 / 15)
+    p = ran.plan(3, 50)
+    assert (p.iterations, p.target, p.check, p.final_update) == (5, pytest.approx(0.4), "after", False)
+    assert ran.state.refine_steps == []  # refine=False
+    on = attnedit.BoundedAttention(boxes=BOXES, words=["cat", "dog"])
+    on.reset()
+    on._schedule(50)
+    assert on.state.refine_steps == list(range(15, 50, 5))  # official: 15, 20, ..., 45
+    ran._schedule(1)
 
 
 def test_kmeans_separates_blobs():
@@ -259,3 +258,17 @@ def test_official_layers_on_real_layouts():
     assert [i.name for i in loss] == [f"up_blocks.0.attentions.0.transformer_blocks.{t}.attn{k}"
                                       for t in range(1, 7) for k in (1, 2)]  # official 70-81
     assert mask == loss
+
+
+def test_stock_pipeline_run_learns_the_schedule_late(sd):
+    ba = attnedit.BoundedAttention(boxes=[[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], words=["cat", "dog"],
+                                   refine_start=1, refine_every=1, kmeans_inits=2, steps=(0, 3))
+    ctrl = attnedit.apply(sd.pipe, ba)
+    try:
+        sd.pipe("a cat and a dog", num_inference_steps=3, callback_on_step_end=ctrl.step_callback,
+                callback_on_step_end_tensor_inputs=["latents"])
+    finally:
+        attnedit.remove(sd.pipe)
+    rec = ba.records()
+    assert [e["step"] for e in rec["guidance"]] == [1, 2]  # step 0 has no hook before the loop
+    assert rec["masks"].shape == (1, 2, 8, 8)

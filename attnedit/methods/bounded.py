@@ -283,14 +283,20 @@ class BoundedAttention(GuidanceControl):
             lead = [self._leading(tokens, self.words[i], subj[i]) for i in range(s)]
             per_sample.append({"subjects": subj, "filter": filt, "eos": eos, "labels": labels, "lead": lead})
         self.state.samples = per_sample
-        total = run.num_steps or len(run.pipe.scheduler.timesteps)
+        self.state.step_sizes = self.step_size or STEP_SIZES.get(run.family.name, STEP_SIZES["sd"])
+        if run.num_steps:
+            self._schedule(run.num_steps)
+
+    def _schedule(self, total: int) -> None:
+        """Guided window and refinement steps for `total` steps (stock pipeline runs learn it late)."""
+        if getattr(self.state, "total", None) == total:
+            return
+        self.state.total = total
         lo, hi = self.steps.bounds(total)
         self.state.guide_window = (lo, min(hi, total))
         start = _resolve_step(self.refine_start, total)
         every = max(1, _resolve_step(self.refine_every, total))
         self.state.refine_steps = list(range(start, total, every)) if self.refine else []
-        fam = run.family.name
-        self.state.step_sizes = self.step_size or STEP_SIZES.get(fam, STEP_SIZES["sd"])
 
     @staticmethod
     def _leading(tokens, subject, positions: list[int]) -> list[int]:
@@ -389,6 +395,8 @@ class BoundedAttention(GuidanceControl):
 
     # ---------------------------------------------------------------------- refinement
     def begin_step(self, run, step: int) -> None:
+        if run.num_steps:
+            self._schedule(run.num_steps)
         if step in self.state.refine_steps and self.state.acc_self is not None and self.state.acc_cross is not None:
             self.refine_masks()
 
@@ -462,6 +470,7 @@ class BoundedAttention(GuidanceControl):
         return total
 
     def plan(self, step: int, num_steps: int) -> StepPlan:
+        self._schedule(num_steps)
         lo, hi = self.state.guide_window
         start, end = self.state.step_sizes
         alpha = linear_schedule(start, end, max(hi - lo, 1), step - lo)
