@@ -24,7 +24,8 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,20 @@ def ddim_scheduler(edit_pipe):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(edit_pipe.pipe.scheduler.config)
+
+
+@contextmanager
+def sampling_scheduler(edit_pipe) -> Iterator[None]:
+    """Within the block a UNet pipeline samples with the DDIM scheduler its inversions assume
+    (built from its own scheduler config); the original scheduler object is put back after."""
+    pipe = edit_pipe.pipe
+    saved = pipe.scheduler
+    if edit_pipe.family.arch == "unet":
+        pipe.scheduler = ddim_scheduler(edit_pipe)
+    try:
+        yield
+    finally:
+        pipe.scheduler = saved
 
 
 def _flow_schedule(edit_pipe, steps: int, height: int, width: int):
@@ -374,21 +389,15 @@ def edit(
     layout = BatchLayout.standard(n, cfg, groups=[0] * n, roles=["source"] + ["target"] * len(targets))
     latents = inversion.latent.expand(n, *inversion.latent.shape[1:]).clone()
     extra = [FollowTrajectory(inversion, [0])] if follow_source else []
-    pipe = edit_pipe.pipe
-    saved = pipe.scheduler
-    if edit_pipe.family.arch == "unet":
-        pipe.scheduler = ddim_scheduler(edit_pipe)
-    try:
+    with sampling_scheduler(edit_pipe):
         result = edit_pipe.generate(
             [source_prompt, *targets], controls=[control, *controls, *extra], seed=0, steps=steps,
             guidance=guidance, height=inversion.height, width=inversion.width, layout=layout, latents=latents, **kw,
         )
-    finally:
-        pipe.scheduler = saved
     result.records["inversion"] = {"steps": inversion.steps, "prompt": inversion.prompt, "notes": inversion.notes,
                                    "size": [inversion.height, inversion.width], "follow_source": follow_source}
     result.params["edit"] = {"source_prompt": source_prompt, "targets": targets, "inversion_prompt": inversion.prompt}
     return result
 
 
-__all__ = ["FollowTrajectory", "Inversion", "edit", "encode_image", "invert", "prepare_image"]
+__all__ = ["FollowTrajectory", "Inversion", "edit", "encode_image", "invert", "prepare_image", "sampling_scheduler"]

@@ -210,3 +210,19 @@ def test_bad_input_raises_before_denoising(sd):
     finally:
         handle.remove()
     assert not calls
+
+
+def test_real_reference_photos_follow_their_inversion(sd):
+    from attnedit.inversion import encode_image
+
+    photos = sd.generate(["a cat", "a dog"], seed=[7, 8]).images
+    res = ir_diffusion(sd, ["a cat", "a dog"], "a cat and a dog", ["cat", "dog"], reference_images=photos,
+                       target_boxes=[(0.0, 0.2, 0.5, 0.9), (0.5, 0.2, 1.0, 0.9)], seed=1, steps=3)
+    assert res.records["ir_diffusion"]["real_references"] and len(res.images) == 3
+    vae = sd.pipe.vae
+    for photo, out in zip(photos, res.images[:2]):  # each reference ends on its VAE round trip
+        rec = vae.decode(encode_image(sd, photo) / vae.config.scaling_factor).sample[0]
+        rec = ((rec.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).detach().numpy()
+        assert np.abs(np.asarray(out).astype(float) - rec).max() <= 1.0
+    with pytest.raises(ValueError, match="reference images for"):
+        ir_diffusion(sd, ["a cat", "a dog"], "a cat and a dog", ["cat", "dog"], reference_images=photos[:1])

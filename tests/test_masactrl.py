@@ -264,3 +264,13 @@ def test_union_variant_formula():
         torch.testing.assert_close(out[src : src + 1], attention(q[src : src + 1], k[src : src + 1], v[src : src + 1]))
     with pytest.raises(ValueError, match="union"):
         MasaCtrl(union=True, mask_words="cat")
+
+
+def test_stock_pipeline_sample_zero_is_the_source(sd):
+    latents = sd.initial_latents(1, 64, 64, [torch.Generator().manual_seed(3)]).repeat(2, 1, 1, 1)
+    control = MasaCtrl(start_step=0)
+    with attnedit.controlled(sd.pipe, control):
+        out = sd.pipe(["a cat", "a cat running"], latents=latents, num_inference_steps=4).images
+    plain = sd.pipe(["a cat", "a cat running"], latents=latents, num_inference_steps=4).images
+    assert _same(out[0], plain[0]) and not _same(out[1], plain[1])
+    assert control.records()["reads_from"] == {1: 0, 3: 2}

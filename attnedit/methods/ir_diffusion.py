@@ -31,6 +31,7 @@ Where attnedit differs from the official code (hehuiguo/DreamStory, 91e1a4b):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -452,6 +453,7 @@ def attention_masks(
     *,
     seed: int | Sequence[int] = 0,
     threshold: float | str = "otsu",
+    controls: Sequence[Control] = (),
     **kw: Any,
 ) -> list[list[torch.Tensor]]:
     """Subject masks from attnedit's own cross-attention maps of a (rehearsal) generation.
@@ -469,7 +471,7 @@ def attention_masks(
         raise ValueError(f"{len(words)} word lists for {len(prompts)} prompts; give one list per prompt")
     _check_words(edit_pipe, prompts, words, edit_pipe.call_defaults().get("max_sequence_length"))
     store = AttentionStore()
-    res = edit_pipe.generate(prompts, controls=[store], seed=seed, **kw)
+    res = edit_pipe.generate(prompts, controls=[store, *controls], seed=seed, **kw)
     height, width = res.images[0].size[1], res.images[0].size[0]
     out: list[list[torch.Tensor]] = []
     for sample, ws in enumerate(words):
@@ -495,6 +497,7 @@ def ir_diffusion(
     target_masks: Sequence[Any] | None = None,
     reference_boxes: Sequence[Sequence[float]] | None = None,
     reference_masks: Sequence[Any] | None = None,
+    reference_images: Sequence[Any] | None = None,
     seed: int = 0,
     reference_seed: int | None = None,
     control_options: dict[str, Any] | None = None,
@@ -505,35 +508,72 @@ def ir_diffusion(
     `subjects[i]` names subject i in `reference_prompts[i]` (and, unless `scene_subjects` is
     given, in `scene_prompt`). Locations missing from the arguments come from attnedit's own
     cross-attention maps of rehearsal generations with the same seeds (the attention route).
+    `reference_images`: real reference photos instead of generated references; each is inverted
+    (`attnedit.inversion.invert`, prompt = its reference prompt) and its row follows the inversion
+    trajectory, as in MasaCtrl's real-image editing.
     """
+    from ..inversion import FollowTrajectory, invert, sampling_scheduler
+
     refs = list(reference_prompts)
     subjects = list(subjects)
     scene_subjects = list(scene_subjects) if scene_subjects is not None else subjects
     if not refs or len(subjects) != len(refs) or len(scene_subjects) != len(refs):
         raise ValueError(f"{len(refs)} reference prompts need one subject word each (got {len(subjects)} and "
                          f"{len(scene_subjects)} scene words)")
+    if reference_images is not None and len(reference_images) != len(refs):
+        raise ValueError(f"{len(reference_images)} reference images for {len(refs)} reference prompts")
+    for bad in ("latents", "layout", "num_images"):
+        if bad in kw:
+            raise ValueError(f"ir_diffusion sets {bad!r} itself; do not pass it")
     max_len = edit_pipe.call_defaults().get("max_sequence_length")
     _check_words(edit_pipe, refs, [[w] for w in subjects], max_len)
     _check_words(edit_pipe, [scene_prompt], [scene_subjects], max_len)
     ref_seed = int(reference_seed) if reference_seed is not None else int(seed) + 1000
     opts = dict(control_options or {})
-    if target_boxes is None and target_masks is None:
-        target_masks = attention_masks(edit_pipe, [scene_prompt], [scene_subjects], seed=[seed], **kw)[0]
-    if reference_boxes is None and reference_masks is None:
-        found = attention_masks(edit_pipe, refs, [[w] for w in subjects], seed=[ref_seed] * len(refs), **kw)
-        reference_masks = [m[0] for m in found]
-    control = RepositionAttention(target_boxes=target_boxes, target_masks=target_masks,
-                                  reference_boxes=reference_boxes, reference_masks=reference_masks, **opts)
     n = len(refs) + 1
     guidance = kw.get("guidance")
     guidance = float(guidance) if guidance is not None else edit_pipe.family.default_guidance
     cfg = guidance > 1.0 and edit_pipe.family.name != "flux"
     layout = BatchLayout.standard(n, cfg, groups=[0] * n, roles=["source"] * len(refs) + ["target"])
-    result = edit_pipe.generate([*refs, scene_prompt], controls=[control], seed=[ref_seed] * len(refs) + [seed],
-                                layout=layout, **kw)
+    followers: list[Control] = []
+    latents = None
+    if reference_images is not None:
+        steps = int(kw.get("steps") or edit_pipe.default_steps())
+        kw["steps"] = steps
+        invs = [invert(edit_pipe, img, prompt=p, steps=steps) for img, p in zip(reference_images, refs)]
+        sizes = {(i.height, i.width) for i in invs}
+        if len(sizes) != 1:
+            raise ValueError(f"reference images must have one size (after fitting to the model stride), got {sizes}")
+        height, width = sizes.pop()
+        if kw.get("height", height) != height or kw.get("width", width) != width:
+            raise ValueError(f"height/width must match the reference images ({height}x{width})")
+        kw.update(height=height, width=width)
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        scene_noise = edit_pipe.initial_latents(1, height, width, [gen])
+        latents = torch.cat([*(i.latent for i in invs), scene_noise.to(invs[0].latent)])
+        followers = [FollowTrajectory(inv, [i]) for i, inv in enumerate(invs)]
+    with sampling_scheduler(edit_pipe) if reference_images is not None else _nothing():
+        if target_boxes is None and target_masks is None:
+            target_masks = attention_masks(edit_pipe, [scene_prompt], [scene_subjects], seed=[seed], **kw)[0]
+        if reference_boxes is None and reference_masks is None:
+            rkw = dict(kw)
+            if latents is not None:  # maps of the real references, read along their inversion trajectories
+                rkw.update(latents=latents[: len(refs)], controls=followers)
+            found = attention_masks(edit_pipe, refs, [[w] for w in subjects], seed=[ref_seed] * len(refs), **rkw)
+            reference_masks = [m[0] for m in found]
+        control = RepositionAttention(target_boxes=target_boxes, target_masks=target_masks,
+                                      reference_boxes=reference_boxes, reference_masks=reference_masks, **opts)
+        result = edit_pipe.generate([*refs, scene_prompt], controls=[control, *followers],
+                                    seed=[ref_seed] * len(refs) + [seed], layout=layout, latents=latents, **kw)
     result.records["ir_diffusion"] = {"target_masks": target_masks, "reference_masks": reference_masks,
-                                      "target_boxes": target_boxes, "reference_boxes": reference_boxes}
+                                      "target_boxes": target_boxes, "reference_boxes": reference_boxes,
+                                      "real_references": reference_images is not None}
     return result
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 __all__ = ["IsolationAttention", "RepositionAttention", "attention_masks", "ir_diffusion"]
