@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import attnedit
-from attnedit.methods.clear import CLEAR, ClearWeights, block_mask, clear_mask, flex_attention, pool_image
+from attnedit.methods.clear import (
+    CLEAR,
+    ClearWeights,
+    block_mask,
+    clear_mask,
+    flex_attention,
+    pool_image,
+    tile_order,
+)
 from attnedit.tiny import build_tiny, tiny_call_kwargs
 from attnedit.train.clear import attention_loss_layers, distill_clear
 
@@ -94,6 +102,33 @@ def test_flex_block_mask_equals_dense_reference(grid, text, text_first, df):
     assert torch.allclose(got, ref, atol=1e-5)
 
 
+def test_tile_order_on_an_odd_grid():
+    # 3x5 grid in 2x2 tiles: tile (0,0) = 0 1 5 6, tile (0,1) = 2 3 7 8, tile (0,2) = 4 9, then row 2
+    assert tile_order((3, 5), (2, 2)).tolist() == [0, 1, 5, 6, 2, 3, 7, 8, 4, 9, 10, 11, 12, 13, 14]
+    assert tile_order((3, 5), None).tolist() == list(range(15))
+
+
+@pytest.mark.parametrize("grid,tile,df", [((5, 7), (2, 3), None), ((6, 4), (8, 16), 2), ((3, 5), (1, 1), None)])
+def test_tiled_flex_equals_dense_in_the_control(grid, tile, df):
+    """The control's FlexAttention path with tokens re-ordered into tiles returns the dense reference's output."""
+    from attnedit.controls import CallContext
+    from attnedit.layers import LayerInfo
+    from attnedit.layout import BatchLayout
+
+    text, n_img = 3, grid[0] * grid[1]
+    info = LayerInfo(name="single_transformer_blocks.0.attn", kind="joint", block="single", block_index=0,
+                     attention_index=0, transformer_index=0, index=1, level=0, attn_name="attn")
+    ctx = CallContext(layer=info, attn=None, step=0, num_steps=1, t=1.0, phase="denoise",
+                      layout=BatchLayout.standard(1, False), grid=grid, image=slice(text, text + n_img),
+                      text=slice(0, text))
+    q, k, v = (torch.randn(2, text + n_img, 2, 8) for _ in range(3))
+    weights = ClearWeights([info.name], df) if df else None
+    with torch.no_grad():  # FlexAttention has no backward on the CPU (the spatial weights require grad)
+        dense = CLEAR(radius=2, down_factor=df, backend="dense", weights=weights).attend(ctx, q, k, v, None)
+        flex = CLEAR(radius=2, down_factor=df, backend="flex", tile=tile, weights=weights).attend(ctx, q, k, v, None)
+    assert torch.allclose(flex, dense, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ pipelines
 @pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
 @pytest.mark.parametrize("backend", ["auto", "dense", "flex"])
@@ -130,7 +165,7 @@ def test_spatial_weights_are_a_module_that_moves_and_trains():
 
 @pytest.mark.parametrize("kwargs", [dict(radius=0), dict(radius=-3), dict(radius="16"), dict(radius=float("inf")),
                                     dict(radius=True), dict(down_factor=1), dict(down_factor=2.5),
-                                    dict(backend="cuda"), dict(train_len=1)])
+                                    dict(backend="cuda"), dict(train_len=1), dict(tile=(0, 4)), dict(tile=(8,))])
 def test_bad_options(kwargs):
     with pytest.raises(ValueError):
         CLEAR(**kwargs)
