@@ -22,6 +22,8 @@ Where attnedit differs from the official code (TencentARC/MasaCtrl, d0ba16b):
 - Automatic masks use the cross-attention of the latent/4 level (or the coarsest level the model
   has below it) at any size and aspect ratio; the official code keys on 256 query tokens and
   silently does nothing on SDXL or other sizes.
+- The Union variant (`union=True`: targets read `[K_src; K_own]`) works; the official one crashes
+  (its source re-enters the controlled path, issue #49). Sources keep exactly their own keys.
 - DiTs (SD3, FLUX, PixArt): the target's *image* keys/values are replaced by the source's (after
   norms and RoPE, which match since the grids match); the target keeps its own text keys/values,
   so its prompt still steers it. No published setting exists: the default controls the second half
