@@ -181,7 +181,7 @@ _BLOCK_MASKS: OrderedDict[tuple, Any] = OrderedDict()
 _COMPILED_FLEX: dict[str, Any] = {}
 
 
-def flex_available(device: torch.device) -> bool:
+def flex_available() -> bool:
     """FlexAttention can run here (PyTorch >= 2.5; compiled on CUDA, eager elsewhere)."""
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
@@ -235,16 +235,16 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scal
     """FlexAttention on BSHD tensors (compiled once per process on CUDA; eager on the CPU)."""
     from torch.nn.attention.flex_attention import flex_attention as flex
 
-    fn = flex
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     if q.is_cuda:
         fn = _COMPILED_FLEX.get("cuda")
         if fn is None:
             fn = torch.compile(flex, dynamic=False)
             _COMPILED_FLEX["cuda"] = fn
-    else:
+        return fn(*args, block_mask=mask, scale=scale).transpose(1, 2)
+    with warnings.catch_warnings():  # eager (unfused) flex: fine for the CPU reference sizes it serves
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, scale=scale)
-    return out.transpose(1, 2)
+        return flex(*args, block_mask=mask, scale=scale).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------ control
@@ -400,7 +400,7 @@ class CLEAR(Control):
             v = torch.cat([v, pool_image(v[:, img], ctx.grid, weight)], dim=1)
             n_pool = k.shape[1] - q.shape[1]
         scale = self._scale(q.shape[-1], k.shape[1])
-        use_flex = self.backend == "flex" or (self.backend == "auto" and q.is_cuda and flex_available(q.device))
+        use_flex = self.backend == "flex" or (self.backend == "auto" and q.is_cuda and flex_available())
         if use_flex:
             tile = self.tile
             if tile is None:
