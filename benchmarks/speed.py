@@ -369,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round (min is kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU")
     ap.add_argument("--fidelity", default=None, metavar="MODEL", help="also PSNR/SSIM rows on this testbed model")
+    ap.add_argument("--fidelity-seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    ap.add_argument("--fidelity-steps", type=int, default=None, help="denoising steps (model default if omitted)")
+    ap.add_argument("--skip-speed", action="store_true", help="only the fidelity rows")
     ap.add_argument("--out", default=None, help="markdown file for the results")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -394,14 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     log("- step = one denoiser forward (CFG batch 2 for UNets, batch 1 for FLUX); attention = time inside the "
         "attention computations (resampling, matching and masks included); speedup = plain / method; "
         f"times are {clock}\n")
-    log(TABLE_HEAD)
-    run_speed(args.archs, args.sizes, args.flux_sizes, device=args.device, dtype=dtype, scale=args.scale,
-              flux_layers=tuple(args.flux_layers), flux_heads=args.flux_heads, text_len=args.text_len,
-              text_dim=args.text_dim, repeats=args.repeats, log=log)
+    if not args.skip_speed:
+        log(TABLE_HEAD)
+        run_speed(args.archs, args.sizes, args.flux_sizes, device=args.device, dtype=dtype, scale=args.scale,
+                  flux_layers=tuple(args.flux_layers), flux_heads=args.flux_heads, text_len=args.text_len,
+                  text_dim=args.text_dim, repeats=args.repeats, log=log)
     if args.fidelity:
-        log(f"\n## Fidelity against full attention on `{args.fidelity}` (same prompts and seeds)\n")
+        log(f"\n## Fidelity against full attention on `{args.fidelity}` (same prompts, seeds "
+            f"{args.fidelity_seeds}, final images)\n")
         log("| method | PSNR dB | SSIM | images | identical |\n|---|---|---|---|---|")
-        for r in fidelity_rows(args.fidelity):
+        for r in fidelity_rows(args.fidelity, seeds=args.fidelity_seeds, steps=args.fidelity_steps):
             log(f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['n']} | {r['identical']} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
