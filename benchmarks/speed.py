@@ -389,15 +389,15 @@ def main(argv: list[str] | None = None) -> int:
     log(f"- command: `{cmd}`")
     log(f"- device: {device_name}, dtype {dtype}, torch {torch.__version__}, "
         f"attention backend {attnedit.kernels.current()}")
-    log(f"- UNet channel scale {args.scale}; FLUX {args.flux_layers[0]}+{args.flux_layers[1]} blocks, "
-        f"{args.flux_heads}x128 heads, {args.text_len} text tokens; methods interleaved, "
-        f"minimum of {args.repeats} rounds after a warm-up round")
-    clock = "wall-clock time" if args.device.startswith("cuda") else (
-        f"CPU time of the main thread ({args.threads} intra-op thread(s)), robust to other load on the machine")
-    log("- step = one denoiser forward (CFG batch 2 for UNets, batch 1 for FLUX); attention = time inside the "
-        "attention computations (resampling, matching and masks included); speedup = plain / method; "
-        f"times are {clock}\n")
     if not args.skip_speed:
+        log(f"- UNet channel scale {args.scale}; FLUX {args.flux_layers[0]}+{args.flux_layers[1]} blocks, "
+            f"{args.flux_heads}x128 heads, {args.text_len} text tokens; methods interleaved, "
+            f"minimum of {args.repeats} rounds after a warm-up round")
+        clock = "wall-clock time" if args.device.startswith("cuda") else (
+            f"CPU time of the main thread ({args.threads} intra-op thread(s)), robust to other load on the machine")
+        log("- step = one denoiser forward (CFG batch 2 for UNets, batch 1 for FLUX); attention = time inside the "
+            "attention computations (resampling, matching and masks included); speedup = plain / method; "
+            f"times are {clock}\n")
         log(TABLE_HEAD)
         run_speed(args.archs, args.sizes, args.flux_sizes, device=args.device, dtype=dtype, scale=args.scale,
                   flux_layers=tuple(args.flux_layers), flux_heads=args.flux_heads, text_len=args.text_len,
