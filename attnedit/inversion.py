@@ -379,12 +379,14 @@ def edit(
         from .methods.masactrl import MasaCtrl
 
         control = MasaCtrl()
+    guidance = float(guidance) if guidance is not None else edit_pipe.family.default_guidance
     if inversion is None:
-        inversion = invert(edit_pipe, image, prompt=inversion_prompt, steps=steps, fit=fit)
+        # FLUX's guidance is an input embedding (no CFG): invert with the value sampling will use
+        inv_guidance = guidance if edit_pipe.family.name == "flux" else 1.0
+        inversion = invert(edit_pipe, image, prompt=inversion_prompt, steps=steps, fit=fit, guidance=inv_guidance)
     elif inversion.steps != int(steps):
         raise ValueError(f"the inversion has {inversion.steps} steps but the edit asks for {steps}; they must match")
     n = 1 + len(targets)
-    guidance = float(guidance) if guidance is not None else edit_pipe.family.default_guidance
     cfg = guidance > 1.0 and edit_pipe.family.name != "flux"
     layout = BatchLayout.standard(n, cfg, groups=[0] * n, roles=["source"] + ["target"] * len(targets))
     latents = inversion.latent.expand(n, *inversion.latent.shape[1:]).clone()

@@ -200,6 +200,19 @@ def test_default_layers_reproduce_official_start_layers():
     assert len(picked) == 26
 
 
+def test_auto_mask_maps_come_from_the_latent4_level_before_the_controlled_layers():
+    from types import SimpleNamespace
+
+    from attnedit.families import FAMILIES
+
+    reg = build_registry(_sd15_like_unet(), "sd")
+    layers = MasaCtrl(mask_words="cat")._mask_source_layers(SimpleNamespace(family=FAMILIES["sd"], registry=reg))
+    assert {i.index for i in layers} == {4, 5, 7, 8, 9} and {i.kind for i in layers} == {"cross"}  # official set
+    reg = build_registry(_sdxl_like_unet(), "sdxl")
+    layers = MasaCtrl(mask_words="cat")._mask_source_layers(SimpleNamespace(family=FAMILIES["sdxl"], registry=reg))
+    assert {i.level for i in layers} == {2} and min(i.index for i in layers) < 44  # maps exist before L = 44
+
+
 def test_step_window_fraction_and_ints():
     c = MasaCtrl()
     assert not c.steps.active(3, 50) and c.steps.active(4, 50) and c.steps.active(49, 50)

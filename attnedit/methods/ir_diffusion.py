@@ -149,7 +149,20 @@ class IsolationAttention(Control):
             raise ValueError("IsolationAttention selected no self-attention layer; use layers=Select(kind='self')")
         self._subjects.check_size((run.height, run.width), "IsolationAttention mask")
 
+    def reset(self) -> None:
+        super().reset()
+        self.state.regions = {}
+
     def regions(self, ctx: CallContext) -> RegionMask | None:
+        key = (tuple(ctx.grid), ctx.text is not None)
+        cache = self.state.__dict__.setdefault("regions", {})
+        cached = cache.get(key)
+        if cached is None or cached[0] is not ctx.layout:
+            cached = (ctx.layout, self._build(ctx))
+            cache[key] = cached
+        return cached[1]
+
+    def _build(self, ctx: CallContext) -> RegionMask:
         dev = _device(ctx)
         s = len(self._subjects)
         lab = self._subjects.labels(ctx.grid, dev)
@@ -271,11 +284,13 @@ class RepositionAttention(Control):
         super().reset()
         self.state.step = 0
         self.state.dropped = {}
+        self.state.regions = {}
         self.state.moves = {}
 
     def begin_step(self, run, step: int) -> None:
         self.state.step = step
         self.state.dropped = {}
+        self.state.regions = {}
 
     # ---------------------------------------------------------------------------- geometry
     def _move(self, i: int, grid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,11 +377,20 @@ class RepositionAttention(Control):
         if name not in self._mutual and name not in self._iso:
             return None
         dev = _device(ctx)
+        kind = "mutual" if name in self._mutual else "isolation"
+        key = (kind, tuple(ctx.grid), str(dev), id(ctx.layout))
+        cached = self.state.regions.get(key)  # built once per (kind, grid) and step: dropout changes per step
+        if cached is None or cached[0] is not ctx.layout:
+            cached = (ctx.layout, self._build_regions(ctx, kind == "mutual", dev))
+            self.state.regions[key] = cached
+        return cached[1]
+
+    def _build_regions(self, ctx: CallContext, mutual: bool, dev) -> RegionMask:
         layout, s = ctx.layout, len(self._targets)
         lab = self._targets.labels(ctx.grid, dev)
         targets = layout.indices(role="target")
         n = ctx.grid[0] * ctx.grid[1]
-        if name not in self._mutual:  # isolation only
+        if not mutual:  # isolation only
             qlab = torch.zeros(layout.size, n, dtype=torch.long, device=dev)
             qlab[targets] = lab
             return RegionMask(qlab, qlab, isolation_table(s, extra=0, device=dev))
