@@ -123,7 +123,7 @@ def step(variant: str, size: int, device: str, backward: bool, built=None) -> di
     if variant == "official":
         control = _official_store()
     else:
-        cross_level, self_level = map_levels(list(reg))
+        cross_level, self_level = map_levels(list(reg), (size // 8, size // 8))
         control = MapRecorder(reg, cross_level, self_level)
         if variant != "plain":
             control.positions = torch.tensor([0, 5, 7])

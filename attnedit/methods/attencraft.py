@@ -181,14 +181,21 @@ def jsd(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0
 
 
 # ------------------------------------------------------------------------------------ recording control
-def map_levels(layers: list[LayerInfo]) -> tuple[int, int]:
-    """(cross level, self level) of the official recipe: latent/4 and latent/2, clamped to the model's levels."""
-    levels = sorted({i.level for i in layers if i.block in ("down", "up")})
+def map_levels(layers: list[LayerInfo], latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(cross level, self level): the official latent/4 and latent/2 (16 and 32 at 512 px), kept usable on small
+    latents: the self grid stays >= 16 when a level allows it (else the finest level), the cross grid >= 8 (else
+    the self level itself, so a 64 px testbed model maps at 8x8 rather than 2x2)."""
+    levels = sorted({i.level for i in layers if i.block in ("down", "up") and i.kind == "cross"})
     if not levels:
         raise ValueError("AttenCraft needs a UNet with cross-attention in its down/up blocks")
-    cross = max(lv for lv in levels if lv <= 2)
-    lower = [lv for lv in levels if lv < cross]
-    return cross, (max(lower) if lower else cross)
+    side = min(latent_hw)
+
+    def grid(level: int) -> int:
+        return math.ceil(side / 2**level)
+
+    self_level = max([lv for lv in levels if lv <= 1 and grid(lv) >= 16], default=levels[0])
+    above = [lv for lv in levels if lv == self_level + 1 and grid(lv) >= 8]
+    return (above[0] if above else self_level), self_level
 
 
 class MapRecorder(Control):

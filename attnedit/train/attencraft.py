@@ -319,7 +319,8 @@ class AttenCraftTrainer:
         # recording control on the cross (latent/4) and self (latent/2) layers of the recipe
         self.controller = Controller(pipe, [])
         reg = self.controller.registry
-        self.cross_level, self.self_level = map_levels(list(reg))
+        lat = cfg.resolution // edit.vae_scale_factor
+        self.cross_level, self.self_level = map_levels(list(reg), (lat, lat))
         self.recorder = MapRecorder(reg, self.cross_level, self.self_level, row=0)
         self.controller.controls = [self.recorder]
         self.controller.install()
