@@ -23,6 +23,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -112,20 +113,39 @@ def cuda_peak(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median seconds per call: wall clock on a GPU, process CPU time on a CPU (robust to other load)."""
+@contextmanager
+def _installed(pipe, make, size: int, z: torch.Tensor):
+    """A fresh control installed with a run begun and its prompt encoded: yields (ctrl, run, control)."""
+    if make is None:
+        yield (None, None, None)
+        return
+    control = make()
+    ctrl = attnedit.Controller(pipe, [control]).install()
+    try:
+        run = ctrl.begin_run([PROMPT], num_steps=50, height=size, width=size, cfg=True)
+        control.state.cond = encode_condition(run, z)
+        yield (ctrl, run, control)
+    finally:
+        ctrl.remove()
+
+
+def interleaved(jobs, repeats: int, device: torch.device, pipe, size: int, z: torch.Tensor) -> list[float]:
+    """Median seconds per call of every job, timed round-robin (load spikes hit all rows alike):
+    wall clock on a GPU, CPU time of the (single-threaded) process on a CPU."""
     clock = time.perf_counter if device.type == "cuda" else time.process_time
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = clock()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(clock() - t0)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in jobs]
+    for r in range(repeats + 1):
+        for i, (_, fn, make) in enumerate(jobs):
+            with _installed(pipe, make, size, z) as session:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = clock()
+                fn(*session)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if r:  # round 0 warms up
+                    times[i].append(clock() - t0)
+    return [statistics.median(t) for t in times]
 
 
 PROMPT = "a red circle and a blue square"
@@ -153,46 +173,43 @@ def bench_arch(arch: str, size: int, scale: float, repeats: int, device: torch.d
     gpu = device.type == "cuda"
     rows = []
 
-    def measure(label: str, fn: Callable[[], object]) -> None:
-        sec = timed(fn, repeats, device)
-        rows.append((label, sec, saved_for_backward(fn, params), cuda_peak(fn) if gpu else None))
+    jobs: list[tuple[str, Callable[[], object], object]] = []
 
-    # plain step: the stock pipeline's CFG forward
-    ctrl = attnedit.Controller(pipe, [])
-    run = ctrl.begin_run([PROMPT], num_steps=50, height=size, width=size, cfg=True)
+    def measure(label: str, fn: Callable[..., object], control=None) -> None:
+        with _installed(pipe, control, size, z) as session:
+            rows.append([label, 0.0, saved_for_backward(lambda: fn(*session), params),
+                         cuda_peak(lambda: fn(*session)) if gpu else None])
+        jobs.append((label, fn, control))
+
+    # plain step: the stock pipeline's CFG forward (attnedit not installed)
+    run = attnedit.Controller(pipe, []).begin_run([PROMPT], num_steps=50, height=size, width=size, cfg=True)
     cond = encode_condition(run, z)
     cfg = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else {kk: torch.cat([vv, vv]) for kk, vv in v.items()})
            for k, v in cond.items()}
     z2 = torch.cat([z, z])
 
-    def plain():
+    def plain(*_):
+        with torch.no_grad():
+            pipe.unet(pipe.scheduler.scale_model_input(z2, t), t, return_dict=False, **cfg)
+
+    def guided(ctrl, run, control):
+        control._loss_grad(run, z, 0, 0)
+
+    def masked(ctrl, run, control):
         with torch.no_grad():
             pipe.unet(pipe.scheduler.scale_model_input(z2, t), t, return_dict=False, **cfg)
 
     measure("plain step (CFG forward)", plain)
-
     for name, make in methods().items():
-        control = make()
-        ctrl = attnedit.Controller(pipe, [control]).install()
-        try:
-            run = ctrl.begin_run([PROMPT], num_steps=50, height=size, width=size, cfg=True)
-            control.state.cond = encode_condition(run, z)
-
-            def guided(control=control, run=run):
-                control._loss_grad(run, z, 0, 0)
-
-            measure(f"{name}: guidance iteration", guided)
-            if name == "Bounded":
-                def masked(ctrl=ctrl):
-                    with torch.no_grad():
-                        ctrl.timestep = None
-                        pipe.unet(pipe.scheduler.scale_model_input(z2, t), t, return_dict=False, **cfg)
-
-                measure("Bounded: masked CFG step", masked)
-        finally:
-            ctrl.remove()
-    print(f"\n## {arch} layout, {size}x{size}, width scale {scale}, {device.type} {str(dtype).split('.')[-1]}, "
-          f"{sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.0f} M UNet parameters, median of {repeats}\n")
+        measure(f"{name}: guidance iteration", guided, make)
+        if name == "Bounded":
+            measure("Bounded: masked CFG step", masked, make)
+    timings = interleaved(jobs, repeats, device, pipe, size, z)
+    rows[:] = [[*r[:1], sec, *r[2:]] for r, sec in zip(rows, timings)]
+    print(f"\n## {arch} layout, {size}x{size}, width scale {scale}, {device.type} {str(dtype).split('.')[-1]} "
+          f"({torch.get_num_threads()} thread(s)), "
+          f"{sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.0f} M UNet parameters, "
+          f"median of {repeats} interleaved rounds\n")
     base_t = rows[0][1]
     base_peak = rows[0][3]
     clock = "time" if gpu else "CPU time"
@@ -214,6 +231,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # CPU time of one thread: no spin-waiting under shared load
     torch.set_grad_enabled(True)
     for arch in args.arch:
         bench_arch(arch, args.size, args.width_scale, args.repeats, device, dtype)
