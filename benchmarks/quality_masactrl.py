@@ -1,6 +1,6 @@
 """MasaCtrl consistency and inversion round trip on the testbed (shapes-sd + its detector).
 
-    python benchmarks/quality_masactrl.py --model shapes-sd --seeds 16 --steps 50 \\
+    python benchmarks/quality_masactrl.py --model shapes-sd --seeds 16 --steps 25 \\
         --out benchmarks/results/quality_masactrl.md
 
 Consistency: for a source prompt "a {colour} {shape}" and two targets that keep the subject and
@@ -108,8 +108,8 @@ def consistency(
     *,
     pairs: list | None = None,
     seeds: Sequence[int] = range(16),
-    steps: int = 50,
-    guidance: float = 7.5,
+    steps: int = 25,
+    guidance: float = 5.0,
     detect: Callable[[object], list[Detection]] | None = None,
     control_options: dict | None = None,
     log: Callable[[str], None] | None = None,
@@ -174,7 +174,7 @@ def round_trip(
     pipe: attnedit.EditPipeline,
     *,
     n_images: int = 16,
-    steps: int = 50,
+    steps: int = 25,
     world_seed: int = 12345,
     prompt: str | None = None,
     detect: Callable[[object], list[Detection]] | None = None,
@@ -248,8 +248,8 @@ def main() -> None:
     ap.add_argument("--model", default="shapes-sd")
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--steps", type=int, default=25, help="the testbed's own default (attnedit.json)")
+    ap.add_argument("--guidance", type=float, default=5.0, help="the testbed's own default (attnedit.json)")
     ap.add_argument("--round-trip-images", type=int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None, help="write the markdown table here too")
