@@ -246,7 +246,6 @@ class GuidanceControl(Control):
         self.state.maps = {}
         self.state.cond = None
         self.state.log = []
-        self.state.warned = False
         self.state.text_cols = torch.zeros(0, dtype=torch.long)
 
     def setup(self, run: Run) -> None:
@@ -362,21 +361,21 @@ class GuidanceControl(Control):
 
     def _apply(self, z, loss, grad, alpha, live, step) -> torch.Tensor:
         """z - alpha * grad for the `live` samples, clipped, skipping non-finite samples."""
-        b = z.shape[0]
+        b, dev = z.shape[0], z.device
+        shape = (-1, *[1] * (z.dim() - 1))
         g = grad.float()
-        finite = torch.isfinite(g).reshape(b, -1).all(1) & torch.isfinite(loss.float()).reshape(b)
-        g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, torch.zeros_like(g))
+        finite = torch.isfinite(g).reshape(b, -1).all(1).cpu() & torch.isfinite(loss.float().cpu()).reshape(b)
+        g = torch.where(finite.to(dev).view(shape), g, torch.zeros_like(g))
         if self.max_grad_norm is not None:
             norms = g.reshape(b, -1).norm(dim=1)
-            factor = (self.max_grad_norm / norms.clamp(min=1e-12)).clamp(max=1.0)
-            g = g * factor.view(-1, *[1] * (g.dim() - 1))
-        keep = (live.to(z.device) & finite.to(z.device)).view(-1, *[1] * (g.dim() - 1))
+            g = g * (self.max_grad_norm / norms.clamp(min=1e-12)).clamp(max=1.0).view(shape)
+        keep = (live.cpu() & finite).to(dev).view(shape)
         new = z.float() - alpha * g * keep
-        ok = torch.isfinite(new).reshape(b, -1).all(1)
-        bad = (~finite) | (~ok.cpu())
+        ok = torch.isfinite(new).reshape(b, -1).all(1).cpu()
+        bad = ~(finite & ok)
         if bool(bad.any()):
             self._warn(step, [i for i in range(b) if bool(bad[i])])
-        new = torch.where(ok.view(-1, *[1] * (g.dim() - 1)), new, z.float())
+        new = torch.where(ok.to(dev).view(shape), new, z.float())
         return new.to(z.dtype)
 
     def _warn(self, step: int, samples: list[int]) -> None:
