@@ -168,11 +168,28 @@ def mask_bbox(cells: torch.Tensor) -> tuple[int, int, int, int] | None:
     return int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1
 
 
+def map_layers(family, registry) -> list:
+    """Cross-attention layers whose maps give automatic subject masks.
+
+    UNets: the latent/4 level (MasaCtrl's official 16x16 maps at 512 px), or the coarsest level the
+    model has below it, chosen by level, never by token count, so any size and aspect works and
+    the maps exist before the decoder layers that use them. DiTs: every cross/joint layer.
+    """
+    cross = [i for i in registry if i.kind in ("cross", "joint")]
+    if family.arch != "unet":
+        return cross
+    levels = sorted({i.level for i in cross})
+    below = [lv for lv in levels if lv <= 2]
+    level = below[-1] if below else levels[0]
+    return [i for i in cross if i.level == level]
+
+
 __all__ = [
     "binarize",
     "box_cells",
     "check_boxes",
     "check_masks",
+    "map_layers",
     "mask_bbox",
     "mask_cells",
     "otsu_threshold",

@@ -226,3 +226,23 @@ def test_real_reference_photos_follow_their_inversion(sd):
         assert np.abs(np.asarray(out).astype(float) - rec).max() <= 1.0
     with pytest.raises(ValueError, match="reference images for"):
         ir_diffusion(sd, ["a cat", "a dog"], "a cat and a dog", ["cat", "dog"], reference_images=photos[:1])
+
+
+def test_isolation_from_attention_maps_of_words(sd):
+    iso = IsolationAttention(words=["cat", "dog"])
+    iso.reset()
+    # previous step's maps of sample 0 on a 2x2 grid: "cat" top row, "dog" bottom row
+    iso.state.prev_maps = {(2, 2): [{0: torch.tensor([[1.0, 0.9, 0.0, 0.1], [0.0, 0.1, 1.0, 0.8]])}, 1]}
+    ctx = _ctx(BatchLayout.standard(1, False), (4, 4))
+    assert iso._labels(ctx, 0, torch.device("cpu")).reshape(4, 4).tolist() == [[1] * 4] * 2 + [[2] * 4] * 2
+    # the first step has no previous maps: a one-step run equals the plain pipeline
+    plain = sd.generate("a cat and a dog", seed=0, steps=1)
+    one = sd.generate("a cat and a dog", seed=0, steps=1, controls=[IsolationAttention(words=["cat", "dog"])])
+    assert np.array_equal(np.asarray(one.images[0]), np.asarray(plain.images[0]))
+    control = IsolationAttention(words=["cat", "dog"])
+    sd.generate(["a cat and a dog", "a dog and a cat"], seed=0, controls=[control])
+    assert {tuple(m.shape) for m in next(iter(control.state.prev_maps.values()))[0].values()} == {(2, 16)}
+    with pytest.raises(ValueError, match="not in the prompt"):
+        sd.generate(["a cat and a dog", "a bird"], controls=[IsolationAttention(words=["cat", "dog"])])
+    with pytest.raises(ValueError, match="exactly one of boxes / masks / words"):
+        IsolationAttention(boxes=BOXES, words=["cat"])

@@ -41,7 +41,17 @@ from ..controls import CallContext, Control, register
 from ..kernels import attention
 from ..kernels.types import RegionMask
 from ..layout import BatchLayout
-from ..masks import binarize, box_cells, check_boxes, check_masks, mask_bbox, mask_cells, subject_labels, to_mask
+from ..masks import (
+    binarize,
+    box_cells,
+    check_boxes,
+    check_masks,
+    map_layers,
+    mask_bbox,
+    mask_cells,
+    subject_labels,
+    to_mask,
+)
 from ..selectors import Select, Steps
 
 
@@ -117,9 +127,15 @@ class IsolationAttention(Control):
         >>> iso = IsolationAttention(boxes=[(0.0, 0.2, 0.5, 0.9), (0.5, 0.2, 1.0, 0.9)])
         >>> pipe("a cat and a dog", controls=[iso], seed=0)
 
-    `boxes` are normalised (x0, y0, x1, y1); `masks` are pixel masks at the image size (binarised
-    at `threshold`, or "otsu"). Subjects of several masks overlapping: the smaller one wins.
-    Rows: the layout's "target" rows, or every non-source row of a batch without roles.
+    Subjects (one of):
+    - `boxes`: normalised (x0, y0, x1, y1);
+    - `masks`: pixel masks at the image size (binarised at `threshold`, or "otsu");
+    - `words`: the attention route: each word's cross-attention map of the *previous* step (the
+      latent/4 level on UNets, `attnedit.masks.map_layers`), min-max normalised and cut at Otsu's
+      threshold, per image; isolation starts at the second step. Each target prompt must contain
+      every word.
+    Subjects overlapping: the smaller one wins. Rows: the layout's "target" rows, or every
+    non-source row of a batch without roles.
     """
 
     name = "isolation"
@@ -130,30 +146,83 @@ class IsolationAttention(Control):
         *,
         boxes: Sequence[Sequence[float]] | None = None,
         masks: Sequence[Any] | None = None,
+        words: Sequence[str] | None = None,
         threshold: float | str = 0.5,
         layers: Select | None = None,
         steps: Steps | range | tuple | None = None,
     ) -> None:
+        if sum(x is not None for x in (boxes, masks, words)) != 1:
+            raise ValueError("give exactly one of boxes / masks / words (one per subject)")
         self.boxes = boxes
         self.masks = masks
+        self.words = [words] if isinstance(words, str) else (list(words) if words is not None else None)
         self.threshold = threshold
-        self._subjects = _Subjects(boxes, masks, threshold, "subject", names=("boxes", "masks"))
+        if self.words is not None and not self.words:
+            raise ValueError("words: give at least one subject word")
+        self._subjects = _Subjects(boxes, masks, threshold, "subject", names=("boxes", "masks")) \
+            if words is None else None
         super().__init__(layers=layers, steps=steps)
 
     def default_layers(self) -> Select:
         return Select(kind=("self", "joint"))
 
+    @property
+    def n_subjects(self) -> int:
+        return len(self.words) if self.words is not None else len(self._subjects)
+
     def setup(self, run) -> None:
         self._selected = frozenset(n for n in self.selected_layers if run.registry[n].kind in ("self", "joint"))
         if not self._selected:
             raise ValueError("IsolationAttention selected no self-attention layer; use layers=Select(kind='self')")
-        self._subjects.check_size((run.height, run.width), "IsolationAttention mask")
+        self._iso_layers = self._selected
+        self._map_names: frozenset[str] = frozenset()
+        if self._subjects is not None:
+            self._subjects.check_size((run.height, run.width), "IsolationAttention mask")
+            return
+        if not run.tokens:
+            raise ValueError("IsolationAttention(words=...) needs the prompts: run it through EditPipeline.generate")
+        layout = run.layout
+        n = layout.n_samples if layout is not None else len(run.tokens) * max(run.num_images_per_prompt, 1)
+        samples = sorted({layout.rows[r].sample for r in _target_rows(layout)}) if layout is not None else range(n)
+        positions = {s: [run.tokens_of_sample(s).find(w) for w in self.words] for s in samples}  # ValueError
+        union = sorted({p for per in positions.values() for pos in per for p in pos})
+        self._capture = torch.tensor(union, dtype=torch.long)
+        self._columns = {s: [[union.index(p) for p in pos] for pos in per] for s, per in positions.items()}
+        self._map_names = frozenset(i.name for i in map_layers(run.family, run.registry))
+        self._selected = self._iso_layers | self._map_names
 
     def reset(self) -> None:
         super().reset()
         self.state.regions = {}
+        self.state.maps = {}  # grid -> [sum {sample: (S, N)}, count] of the current step
+        self.state.prev_maps = {}
+
+    def begin_step(self, run, step: int) -> None:
+        if self.words is not None:
+            self.state.prev_maps = self.state.maps or self.state.prev_maps
+            self.state.maps = {}
+            self.state.regions = {}
+
+    def capture(self, ctx: CallContext) -> torch.Tensor | None:
+        if self.words is None or ctx.layer.name not in self._map_names or ctx.text is None:
+            return None
+        return self._capture + ctx.text.start
+
+    def observe(self, ctx: CallContext, probs: torch.Tensor) -> None:
+        layout = ctx.layout
+        cond = set(layout.cond_rows()) or set(range(layout.size))
+        p = probs[:, ctx.image].detach().float()
+        entry = self.state.maps.setdefault(tuple(ctx.grid), [{}, 0])
+        for r, row in enumerate(layout.rows):
+            if r not in cond or row.sample not in self._columns:
+                continue
+            m = torch.stack([p[r][:, cols].sum(-1) for cols in self._columns[row.sample]])  # (S, N)
+            entry[0][row.sample] = entry[0][row.sample] + m if row.sample in entry[0] else m
+        entry[1] += 1
 
     def regions(self, ctx: CallContext) -> RegionMask | None:
+        if ctx.layer.name not in self._iso_layers:
+            return None
         key = (tuple(ctx.grid), ctx.text is not None)
         cache = self.state.__dict__.setdefault("regions", {})
         cached = cache.get(key)
@@ -162,20 +231,42 @@ class IsolationAttention(Control):
             cache[key] = cached
         return cached[1]
 
-    def _build(self, ctx: CallContext) -> RegionMask:
+    def _labels(self, ctx: CallContext, sample: int, dev) -> torch.Tensor | None:
+        if self._subjects is not None:
+            return self._subjects.labels(ctx.grid, dev)
+        maps = self.state.prev_maps
+        if not maps:
+            return None
+        grid = max(maps, key=lambda g: g[0] * g[1])
+        sums, count = maps[grid]
+        if sample not in sums:
+            return None
+        per = []
+        for m in sums[sample] / count:
+            m = m.reshape(grid)
+            lo, hi = m.min(), m.max()
+            per.append((m - lo) / (hi - lo) if float(hi - lo) > 1e-12 else torch.zeros_like(m))
+        return subject_labels(ctx.grid, masks=per, threshold="otsu", device=dev)
+
+    def _build(self, ctx: CallContext) -> RegionMask | None:
         dev = _device(ctx)
-        s = len(self._subjects)
-        lab = self._subjects.labels(ctx.grid, dev)
+        s = self.n_subjects
         n = _seq_len(ctx)
         q = torch.zeros(ctx.layout.size, n, dtype=torch.long, device=dev)
         if ctx.text is not None:
             q[:, ctx.text] = s + 1  # text tokens: global
-        rows = _target_rows(ctx.layout)
-        q[rows, ctx.image] = lab
+        any_rows = False
+        for r in _target_rows(ctx.layout):
+            lab = self._labels(ctx, ctx.layout.rows[r].sample, dev)
+            if lab is not None:
+                q[r, ctx.image] = lab
+                any_rows = True
+        if not any_rows:
+            return None
         return RegionMask(q, q, isolation_table(s, device=dev))
 
     def records(self) -> dict[str, Any]:
-        return {"subjects": len(self._subjects), "layers": len(self.selected_layers)}
+        return {"subjects": self.n_subjects, "layers": len(getattr(self, "_iso_layers", ()))}
 
 
 def default_reposition_layers(family: str, registry) -> Select:

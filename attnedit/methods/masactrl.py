@@ -40,7 +40,7 @@ import torch
 from ..controls import CallContext, Control, register
 from ..kernels.types import RegionMask
 from ..layout import BatchLayout
-from ..masks import check_masks, mask_cells, resize_mask
+from ..masks import check_masks, map_layers, mask_cells, resize_mask
 from ..selectors import Select, Steps
 
 #: official default start step (4 of 50) as a fraction of the schedule
@@ -143,14 +143,8 @@ class MasaCtrl(Control):
         self.setup(run)
 
     def _mask_source_layers(self, run) -> list:
-        """Cross-attention layers whose maps give automatic masks (latent/4 level on UNets)."""
-        cross = [i for i in run.registry if i.kind in ("cross", "joint")]
-        if run.family.arch != "unet":
-            return cross
-        levels = sorted({i.level for i in cross})
-        below = [lv for lv in levels if lv <= 2]
-        level = below[-1] if below else levels[0]
-        return [i for i in cross if i.level == level]
+        """Cross-attention layers whose maps give automatic masks (`attnedit.masks.map_layers`)."""
+        return map_layers(run.family, run.registry)
 
     def selects(self, layer) -> bool:
         return layer.name in self.selected_layers or layer.name in getattr(self, "_map_layers", ())
