@@ -227,3 +227,29 @@ def test_controls_are_built_by_name_with_options():
     with pytest.raises(ValueError, match="unknown option 'scale'"):
         attnedit.make_control("astar", {"words": ["cat"], "scale": 1})
     assert attnedit.make_control("bounded", {"boxes": [[0, 0, 0.5, 0.5]], "words": ["cat"]}).name == "bounded"
+
+
+class _StepRecorder(attnedit.Control):
+    """Records the denoising steps other controls see (begin_step and attention calls)."""
+
+    name = "test_steps"
+
+    def reset(self):
+        super().reset()
+        self.state.begun = []
+        self.state.seen = set()
+
+    def begin_step(self, run, step):
+        self.state.begun.append(step)
+
+    def capture(self, ctx):
+        self.state.seen.add((ctx.phase, ctx.step))
+        return None
+
+
+def test_guidance_passes_do_not_disturb_step_tracking(sd):
+    rec = _StepRecorder()
+    ae = attnedit.AttendExcite(words=["cat"], thresholds={}, steps=(0, 3))
+    sd(PROMPT, seed=0, steps=4, controls=[ae, rec])
+    assert rec.state.begun == [0, 1, 2, 3]  # every denoising step starts once, after its guidance pass
+    assert rec.state.seen == {("denoise", i) for i in range(4)}
