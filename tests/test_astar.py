@@ -87,6 +87,8 @@ def test_retention_masks_follow_the_previous_step(sd):
     masks = res.records["astar"]["retention_masks"]
     assert masks.shape == (1, 2, 8, 8) and masks.dtype == torch.bool
     assert bool(masks.flatten(2).any(-1).all())  # min-max maps always have pixels above 0.5
+    history = res.records["astar"]["retention_masks_per_step"]
+    assert sorted(history) == [0, 1] and torch.equal(history[1], masks)
 
 
 def test_layout_masks_replace_retention_masks(sd):

@@ -98,6 +98,7 @@ class AStar(TextMapGuidance):
         super().reset()
         self.state.prev = None  # (B, S, H, W) bool masks from the previous guided step
         self.state.current = None
+        self.state.history = {}  # guided step -> (B, S, H, W) bool masks made at that step
 
     def concept_maps(self, maps: dict[str, LayerMaps]) -> torch.Tensor:
         """(B, S, H, W) smoothed, min-max scaled concept maps."""
@@ -128,6 +129,7 @@ class AStar(TextMapGuidance):
     def after_guided_step(self, step: int) -> None:
         if self.state.current is not None:
             self.state.prev = self.state.current > self.threshold
+            self.state.history[step] = self.state.prev.cpu()
 
     def plan(self, step: int, num_steps: int) -> StepPlan:
         alpha = ae_step_size(self.scale_factor, step, num_steps, self.scale_range)
@@ -139,6 +141,7 @@ class AStar(TextMapGuidance):
         rec = super().records()
         if rec and self.state.prev is not None:
             rec["retention_masks"] = self.state.prev.cpu()
+            rec["retention_masks_per_step"] = dict(self.state.history)  # for visualising masks over steps
         return rec
 
 
