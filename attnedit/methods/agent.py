@@ -58,6 +58,8 @@ class AgentAttention(Control):
     - `k_scale2`, `k_shortcut`: second-softmax temperature exponent and value shortcut (official).
     - `fp32`: compute both attentions in float32 (needed on SD 2.x in half precision).
     - Default window: the first 40 % of the steps (the published 20 of 50), top attention level.
+    - When 2 n >= N_f (agents not fewer than half the merged tokens) the layer runs ToMe attention
+      only, as the official code; on DiTs N_f counts the text tokens too (they are keys of both softmaxes).
 
     >>> pipe = attnedit.load("tiny-sd")
     >>> result = pipe("a red circle", controls=[attnedit.AgentAttention()])
