@@ -6,11 +6,14 @@
 For multi-object prompts of the shapes world ("a red circle and a blue square", three-object
 lists) and many seeds, every method generates the same (prompt, seed) images; the testbed
 detector reads each image back and three numbers are scored per image:
-- object recall: the fraction of requested objects whose shape is found (multiset matching);
-- attribute binding: the fraction of requested (shape, colour) pairs found with the right colour;
-- layout IoU: for each requested object, the best box IoU of a detection of its shape with the
-  box Bounded Attention was given (left / right halves, thirds for three objects); it is scored
-  for every method, so plain shows what the boxes alone would get by chance.
+- object recall: the share of requested objects present with the right shape and colour
+  (`detector.object_recall`); shape recall: the share whose shape is present in any colour (the
+  neglect A&E targets);
+- attribute binding: of the requested shapes that appear, the share drawn in the requested
+  colour (`detector.attribute_binding`; undefined when none appears);
+- layout IoU: the mean IoU between each requested object and the box Bounded Attention was given
+  (left / right halves, thirds for three objects; `detector.layout_iou`); scored for every method,
+  so plain shows what the boxes get by chance.
 Each method is compared with plain on the same images: mean paired difference and its standard
 error over seeds (the seed-to-seed noise), so "beats plain" means a difference larger than
 about two standard errors. `evaluate(...)` is the function `benchmarks/quality.py` can call.
@@ -25,7 +28,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,13 +36,6 @@ import attnedit
 SHAPES = ("circle", "square", "triangle", "star", "ring")
 COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
 METHODS = ("plain", "A&E", "A-STAR", "Bounded")
-
-
-@dataclass(frozen=True)
-class Detection:
-    shape: str
-    colour: str
-    box: tuple[float, float, float, float]  # normalised x0, y0, x1, y1
 
 
 def prompts(n_pairs: int = 12, n_triples: int = 6, seed: int = 0) -> list[list[tuple[str, str]]]:
@@ -81,46 +76,30 @@ def make_control(method: str, objects: Sequence[tuple[str, str]]) -> attnedit.Co
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def score(objects: Sequence[tuple[str, str]], found: list) -> dict[str, float | None]:
+    """Metrics of one image with the testbed detector's definitions (`attnedit.testbed.detector`)."""
+    from attnedit.testbed import detector as det
 
-
-def score(objects: Sequence[tuple[str, str]], found: Sequence[Detection]) -> dict[str, float]:
-    """Recall, binding and layout IoU of one image (see the module docstring)."""
+    prompt = caption(objects)
     pool = [d.shape for d in found]
-    hits = 0
+    shapes = 0
     for s, _ in objects:
         if s in pool:
             pool.remove(s)
-            hits += 1
-    pairs = [(d.shape, d.colour) for d in found]
-    bound = 0
-    for obj in objects:
-        if obj in pairs:
-            pairs.remove(obj)
-            bound += 1
-    boxes = layout_boxes(len(objects))
-    ious = [max([iou(d.box, box) for d in found if d.shape == s] or [0.0]) for (s, _), box in zip(objects, boxes)]
-    n = len(objects)
-    return {"recall": hits / n, "binding": bound / n, "layout_iou": sum(ious) / n}
+            shapes += 1
+    return {
+        "recall": det.object_recall(prompt, found),
+        "shape_recall": shapes / len(objects),
+        "binding": det.attribute_binding(prompt, found),
+        "layout_iou": det.layout_iou(prompt, [tuple(b) for b in layout_boxes(len(objects))], found),
+    }
 
 
-def testbed_detector() -> Callable[[object], list[Detection]]:
-    """The testbed detector (`attnedit.testbed.detector`), adapted to `Detection` lists."""
+def testbed_detector() -> Callable[[object], list]:
+    """PIL image -> detections of the testbed detector."""
     from attnedit.testbed import detector as det
 
-    def detect(image) -> list[Detection]:
-        arr = np.asarray(image.convert("RGB"))
-        out = []
-        for d in det.detect(arr):
-            out.append(Detection(str(d.shape), str(d.colour), tuple(float(v) for v in d.box)))
-        return out
-
-    return detect
+    return lambda image: det.detect(np.asarray(image.convert("RGB")))
 
 
 def evaluate(
@@ -131,7 +110,7 @@ def evaluate(
     seeds: Sequence[int] = range(16),
     steps: int = 25,
     guidance: float = 7.5,
-    detect: Callable[[object], list[Detection]] | None = None,
+    detect: Callable[[object], list] | None = None,
     batch: int = 8,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, object]]:
@@ -139,7 +118,7 @@ def evaluate(
     plain, the paired mean difference with its standard error over seeds."""
     requests = requests if requests is not None else prompts()
     detect = detect or testbed_detector()
-    per: dict[str, dict[tuple[int, int], dict[str, float]]] = {m: {} for m in methods}
+    per: dict[str, dict[tuple[int, int], dict[str, float | None]]] = {m: {} for m in methods}
     seconds: dict[str, float] = {m: 0.0 for m in methods}
     for m in methods:
         for pi, objects in enumerate(requests):
@@ -161,32 +140,42 @@ def evaluate(
     return summarise(per, seeds, seconds)
 
 
+METRICS = ("recall", "shape_recall", "binding", "layout_iou")
+
+
+def _mean(values) -> float:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else float("nan")
+
+
 def summarise(per, seeds, seconds) -> dict[str, dict[str, object]]:
-    metrics = ("recall", "binding", "layout_iou")
+    """Means per method; against plain, the paired difference averaged per seed and its standard
+    error across seeds (binding is skipped on images where it is undefined for either method)."""
     out: dict[str, dict[str, object]] = {}
     for m, scores in per.items():
         row: dict[str, object] = {"images": len(scores), "seconds": seconds.get(m, 0.0)}
-        for k in metrics:
-            row[k] = statistics.fmean(v[k] for v in scores.values())
+        for k in METRICS:
+            row[k] = _mean(v[k] for v in scores.values())
             if m != "plain" and "plain" in per:
-                # paired difference, averaged per seed; the spread across seeds is the noise
                 by_seed = []
                 for s in seeds:
-                    diffs = [scores[key][k] - per["plain"][key][k] for key in scores if key[1] == s]
-                    by_seed.append(statistics.fmean(diffs))
-                se = statistics.stdev(by_seed) / math.sqrt(len(by_seed)) if len(by_seed) > 1 else float("nan")
-                row[f"{k}_diff"] = statistics.fmean(by_seed)
-                row[f"{k}_se"] = se
+                    diffs = [scores[key][k] - per["plain"][key][k] for key in scores
+                             if key[1] == s and scores[key][k] is not None and per["plain"][key][k] is not None]
+                    if diffs:
+                        by_seed.append(statistics.fmean(diffs))
+                row[f"{k}_diff"] = statistics.fmean(by_seed) if by_seed else float("nan")
+                row[f"{k}_se"] = (statistics.stdev(by_seed) / math.sqrt(len(by_seed))) if len(by_seed) > 1 \
+                    else float("nan")
         out[m] = row
     return out
 
 
 def table(summary: dict[str, dict[str, object]]) -> str:
-    lines = ["| method | images | object recall | attribute binding | layout IoU | s / image |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | images | object recall | shape recall (neglect) | attribute binding | layout IoU "
+             "| s / image |", "|---|---|---|---|---|---|---|"]
     for m, r in summary.items():
         cells = []
-        for k in ("recall", "binding", "layout_iou"):
+        for k in METRICS:
             cell = f"{r[k]:.3f}"
             if f"{k}_diff" in r:
                 cell += f" ({r[f'{k}_diff']:+.3f} ± {r[f'{k}_se']:.3f})"
