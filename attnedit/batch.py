@@ -4,13 +4,18 @@
     accelerate launch --multi_gpu --num_processes 8 -m attnedit batch jobs.yaml --out runs/a
     attnedit batch --validate jobs.yaml
 
+(Several CPU processes: the same `accelerate launch --multi_gpu --num_processes N` on a machine
+without GPUs uses gloo; `accelerate launch --cpu` starts a single process.) Reruns into the same
+`--out` skip finished images; see assets/examples/jobs.yaml.
+
 A job file is JSONL (one job per line; a `{"defaults": {...}}` line fills every job) or YAML
 (`defaults:` plus a `jobs:` list, or a bare list). A job names `prompt` (or `prompts`), `controls`
 (`[{"name": "store", "words": ["cat"]}]`: the options of the Python API by the same names), `seeds`
 (a list, or a count starting at `seed`), `size` / `height` / `width`, `steps`, `guidance`,
 `negative_prompt`, `maps` (true or a list of words: save an attention-map grid), an optional `id`,
 and `together: true` to make a job's prompts in one call from one seed, the first as the source
-of the others (MasaCtrl). Values come from the job, then the CLI flags, then the `defaults` block, then the model.
+of the others (MasaCtrl). Values come from the job, then the CLI flags, then the `defaults`
+block, then the model.
 
 Why it is built this way:
 - Every image is one *unit* with a content key (model, prompt, seed, settings): its file name is
@@ -19,7 +24,8 @@ Why it is built this way:
   `--batch-size`), never from the number of workers or from what is already done, and whole
   batches are split between processes. CPU (and GPU) matrix kernels sum in a batch-size-dependent
   order, so a pixel may differ by one level between batch sizes; fixing the batches this way
-  makes one worker and eight workers, and a resumed run, bit-identical.
+  makes one worker and eight workers, and a resumed run, bit-identical (on the same kind of
+  device; on CPUs with the same threads per process, `--threads`, which CPU sums also depend on).
 - Writes are atomic (temp name, then rename); the sidecar JSON is written last and marks an image
   complete; `manifest.jsonl` gets one line per finished image (appended under a file lock) and is
   rebuilt from the sidecars when it was cut short, and rewritten in job order at the end.
@@ -926,7 +932,8 @@ def add_parser(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "batch", help="run a JSONL/YAML job file (resumable; `accelerate launch -m attnedit batch` for many GPUs)",
-        description=__doc__.split("\n\n")[1] if __doc__ else None, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="\n\n".join(__doc__.split("\n\n")[1:4]) if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("jobs", help="job file: .jsonl (one job per line) or .yaml/.yml")
     p.add_argument("--out", default=None, help="output folder (PNG + JSON sidecar per image, manifest.jsonl)")
