@@ -75,6 +75,10 @@ def test_map_level_follows_native_size():
     assert map_level(reg, 64) == 2  # SD1.5 at 512 px: 16x16
     assert map_level(reg, 96) == 2  # SD2 at 768 px: 24x24
     assert map_level(reg, 8) == 0  # 64-px testbed: full latent grid
+    selfonly = LayerRegistry("sd")
+    selfonly.layers["s"] = LayerInfo("s", "self", "down", 0, 0, 0, 0, 0, "attn1")
+    with pytest.raises(ValueError, match="no cross-attention layers"):
+        map_level(selfonly, 64)
 
 
 # ------------------------------------------------------------------------------ the engine
