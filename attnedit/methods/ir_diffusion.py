@@ -204,7 +204,7 @@ class IsolationAttention(Control):
             self.state.regions = {}
 
     def capture(self, ctx: CallContext) -> torch.Tensor | None:
-        if self.words is None or ctx.layer.name not in self._map_names or ctx.text is None:
+        if self.words is None or ctx.layer.name not in getattr(self, "_map_names", ()) or ctx.text is None:
             return None
         return self._capture + ctx.text.start
 
@@ -221,7 +221,8 @@ class IsolationAttention(Control):
         entry[1] += 1
 
     def regions(self, ctx: CallContext) -> RegionMask | None:
-        if ctx.layer.name not in self._iso_layers:
+        iso_layers = getattr(self, "_iso_layers", None)  # None: not bound to a run (hand-built contexts)
+        if iso_layers is not None and ctx.layer.name not in iso_layers:
             return None
         key = (tuple(ctx.grid), ctx.text is not None)
         cache = self.state.__dict__.setdefault("regions", {})
