@@ -392,6 +392,24 @@ def test_failing_control_and_bad_lines_are_isolated(tmp_path, pipe, capsys):
     assert summary.invalid and summary.done == 0 and not strict_out.exists()
 
 
+def test_cli_exit_codes_and_summary(tmp_path, capsys):
+    from attnedit.cli import main
+
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"prompt": "a cat", "seeds": 2, "steps": 2}\n{"prompt": "a dog", "stepz": 2}\n')
+    run = lambda out, *flags: main(["batch", str(path), "--out", str(tmp_path / out), "--no-progress",  # noqa: E731
+                                    "--model", "tiny-sd", *flags])
+    assert run("strict", "--strict") == 2
+    assert not (tmp_path / "strict").exists()
+    assert run("out") == 1  # a bad line
+    captured = capsys.readouterr()
+    assert f"{path}:2: unknown key 'stepz' (did you mean 'steps'?)" in captured.err
+    assert "attnedit batch: 2 done, 0 skipped (already complete), 0 failed, 1 invalid job line(s)" in captured.out
+    path.write_text('{"prompt": "a cat", "seeds": 2, "steps": 2}\n')
+    assert run("out") == 0
+    assert "0 done, 2 skipped (already complete), 0 failed, 0 invalid" in capsys.readouterr().out
+
+
 def test_manifest_lines_of_concurrent_writers_stay_whole(tmp_path):
     """Appends from several processes under the lock never interleave within a line."""
     import multiprocessing
