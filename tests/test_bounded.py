@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -272,3 +273,24 @@ def test_stock_pipeline_run_learns_the_schedule_late(sd):
     rec = ba.records()
     assert [e["step"] for e in rec["guidance"]] == [1, 2]  # step 0 has no hook before the loop
     assert rec["masks"].shape == (1, 2, 8, 8)
+
+
+def test_masks_instead_of_boxes():
+    full = np.zeros((16, 16))
+    full[:8, :8] = 1.0
+    ring = np.zeros((16, 16))
+    ring[4:16, 4:16] = 1.0
+    by_mask = attnedit.BoundedAttention(masks=[full, ring], words=["cat", "dog"])
+    by_box = attnedit.BoundedAttention(boxes=[[0, 0, 0.5, 0.5], [0.25, 0.25, 1, 1]], words=["cat", "dog"])
+    for grid in ((8, 8), (4, 4), (16, 16)):
+        assert torch.equal(by_mask.region_masks(grid), by_box.region_masks(grid))
+    dot = np.zeros((64, 64))
+    dot[40, 10] = 1.0  # smaller than a cell of a 4x4 grid: keeps the cell of its centroid
+    tiny = attnedit.BoundedAttention(masks=[dot], words=["cat"]).region_masks((4, 4))[0]
+    assert tiny.sum() == 1 and bool(tiny[2, 0])
+    with pytest.raises(ValueError, match="either boxes"):
+        attnedit.BoundedAttention(boxes=[[0, 0, 1, 1]], masks=[full], words=["cat"])
+    with pytest.raises(ValueError, match="mask 0 is empty"):
+        attnedit.BoundedAttention(masks=[np.zeros((4, 4))], words=["cat"])
+    with pytest.raises(ValueError, match="more masks than words"):
+        attnedit.BoundedAttention(masks=[full, ring], words=["cat"])

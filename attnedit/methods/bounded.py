@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -153,7 +154,9 @@ class BoundedAttention(GuidanceControl):
     ...                                words=["kitten", "puppy"])
     >>> result = pipe("a ginger kitten and a gray puppy", controls=[ba], seed=160, steps=50)
 
-    `boxes`: [x0, y0, x1, y1] in [0, 1], origin top-left. `words`: one subject per box, a word or
+    `boxes`: [x0, y0, x1, y1] in [0, 1], origin top-left; or `masks`: one 2-D array per subject
+    (any size, > 0.5 inside; a box is a special case), used for the masks and the loss alike.
+    `words`: one subject per box, a word or
     phrase (all its tokens belong to the subject; its last word is the subject's leading word
     for mask refinement), a token index, or a list of those. `filter_words`: words blocked for
     every pixel (default: the prompt's words in `attnedit.tokens.STOP_WORDS`; a list replaces it).
@@ -168,8 +171,9 @@ class BoundedAttention(GuidanceControl):
     def __init__(
         self,
         *,
-        boxes: list,
+        boxes: list | None = None,
         words: list,
+        masks: list | None = None,
         filter_words: list | None = None,
         cross_loss_coef: float = 1.5,
         self_loss_coef: float = 0.5,
@@ -190,18 +194,23 @@ class BoundedAttention(GuidanceControl):
         layers=None,
         steps=None,
     ) -> None:
-        self.boxes = _check_boxes(boxes)
+        if (boxes is None) == (masks is None):
+            raise ValueError("give either boxes=[[x0, y0, x1, y1], ...] or masks=[2-D array, ...], one per subject")
+        self.boxes = _check_boxes(boxes) if boxes is not None else None
+        self.masks = _check_masks(masks) if masks is not None else None
+        self.num_subjects = len(self.boxes if self.boxes is not None else self.masks)
+        what = "boxes" if self.boxes is not None else "masks"
         if isinstance(words, (str, int)):
             words = [words]
         self.words = list(words or [])
-        if len(self.boxes) != len(self.words):
-            more = "boxes than words" if len(self.boxes) > len(self.words) else "words than boxes"
+        if self.num_subjects != len(self.words):
+            more = f"{what} than words" if self.num_subjects > len(self.words) else f"words than {what}"
             raise ValueError(
-                f"got {len(self.boxes)} boxes and {len(self.words)} subject words (more {more}); "
-                "give exactly one word or phrase per box"
+                f"got {self.num_subjects} {what} and {len(self.words)} subject words (more {more}); "
+                f"give exactly one word or phrase per {what[:-1] if what == 'masks' else 'box'}"
             )
-        if len(self.boxes) > 8:
-            raise ValueError(f"at most 8 subjects are supported, got {len(self.boxes)}")
+        if self.num_subjects > 8:
+            raise ValueError(f"at most 8 subjects are supported, got {self.num_subjects}")
         self.filter_words = None if filter_words is None else list(filter_words)
         if step_size is not None and (len(step_size) != 2 or min(step_size) < 0):
             raise ValueError(f"step_size must be (start, end) with values >= 0, got {step_size!r}")
@@ -316,11 +325,27 @@ class BoundedAttention(GuidanceControl):
     def denoise_active(self, step: int, num_steps: int | None) -> bool:
         return True
 
+    def region_masks(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(S, H, W) bool user regions at `grid`: rasterised boxes, or user masks resized nearest-exact
+        (a mask smaller than a cell keeps the cell of its centroid, so no region is empty)."""
+        if self.boxes is not None:
+            return box_masks(self.boxes, grid)
+        out = []
+        for m in self.masks:
+            r = F.interpolate(m[None, None], size=grid, mode="nearest-exact")[0, 0] > 0.5
+            if not bool(r.any()):
+                ys, xs = torch.nonzero(m > 0.5, as_tuple=True)
+                cy = min(int(ys.float().mean() / m.shape[0] * grid[0]), grid[0] - 1)
+                cx = min(int(xs.float().mean() / m.shape[1] * grid[1]), grid[1] - 1)
+                r[cy, cx] = True
+            out.append(r)
+        return torch.stack(out)
+
     def subject_masks(self, grid: tuple[int, int], boxes_only: bool = False) -> torch.Tensor:
         """(B, S, H*W) bool subject masks at `grid`: boxes, or refined masks resized nearest-exact."""
         n = len(self.state.samples)
         if boxes_only or self.state.refined is None:
-            return box_masks(self.boxes, grid).flatten(1)[None].expand(n, -1, -1)
+            return self.region_masks(grid).flatten(1)[None].expand(n, -1, -1)
         m = F.interpolate(self.state.refined.float(), size=grid, mode="nearest-exact")
         return (m > 0.5).flatten(2)
 
@@ -332,7 +357,7 @@ class BoundedAttention(GuidanceControl):
         if cached is not None:
             return cached
         device = ctx.hidden_states.device
-        s = len(self.boxes)
+        s = self.num_subjects
         bits = subject_bits(self.subject_masks(ctx.grid)).to(device)  # (B_samples, N)
         rows = ctx.layout.rows
         if kind == "self":
@@ -350,7 +375,7 @@ class BoundedAttention(GuidanceControl):
     def capture_keys(self, ctx: CallContext) -> torch.Tensor | None:
         if ctx.text is not None:
             return self.state.text_cols + ctx.text.start
-        inside = box_masks(self.boxes, ctx.grid).flatten(1).any(0)
+        inside = self.region_masks(ctx.grid).flatten(1).any(0)
         return torch.nonzero(inside).flatten() + ctx.image.start
 
     def _collecting(self, step: int) -> bool:
@@ -404,7 +429,7 @@ class BoundedAttention(GuidanceControl):
         """Replace the subject masks by clusters of the mean self-attention (official algorithm)."""
         eps = 1e-5
         grid = self.state.mask_grid
-        s = len(self.boxes)
+        s = self.num_subjects
         self_maps = self.state.acc_self[0] / self.state.acc_self[1]  # (B, N, N)
         cross = self.state.acc_cross[0] / self.state.acc_cross[1]  # (B, N, S)
         feats = self_maps / (self_maps.amax(dim=1, keepdim=True) + eps)
@@ -426,7 +451,7 @@ class BoundedAttention(GuidanceControl):
         pix_subject = torch.gather(subject, 1, labels)
         pix_score = torch.gather(score, 1, labels)
         masks = torch.stack([(pix_subject == i) & (pix_score >= self.self_mask_threshold) for i in range(s)], 1)
-        boxes = box_masks(self.boxes, grid).flatten(1).to(masks.device)
+        boxes = self.region_masks(grid).flatten(1).to(masks.device)
         for b in range(masks.shape[0]):
             for j in range(s):
                 if not bool(masks[b, j].any()):
@@ -438,11 +463,11 @@ class BoundedAttention(GuidanceControl):
 
     # ------------------------------------------------------------------------ guidance
     def loss(self, maps: dict[str, LayerMaps], step: int, iteration: int) -> torch.Tensor:
-        s = len(self.boxes)
+        s = self.num_subjects
         fg = {"cross": [], "self": []}
         bg = {"cross": [], "self": []}
         for m in maps.values():
-            boxes = box_masks(self.boxes, m.grid).flatten(1).to(m.probs.device)  # (S, N)
+            boxes = self.region_masks(m.grid).flatten(1).to(m.probs.device)  # (S, N)
             back = ~boxes.any(0)
             probs = m.probs.float()
             if m.kind == "cross":
@@ -474,7 +499,7 @@ class BoundedAttention(GuidanceControl):
         lo, hi = self.state.guide_window
         start, end = self.state.step_sizes
         alpha = linear_schedule(start, end, max(hi - lo, 1), step - lo)
-        return StepPlan(alpha, iterations=self.iterations, target=self.loss_threshold * len(self.boxes),
+        return StepPlan(alpha, iterations=self.iterations, target=self.loss_threshold * self.num_subjects,
                         check="after", final_update=False)
 
     def records(self) -> dict[str, Any]:
@@ -498,6 +523,20 @@ def _check_boxes(boxes) -> list[tuple[float, float, float, float]]:
         if x1 <= x0 or y1 <= y0:
             raise ValueError(f"box {i} {list(box)} has zero area: need x0 < x1 and y0 < y1")
         out.append((x0, y0, x1, y1))
+    return out
+
+
+def _check_masks(masks) -> list[torch.Tensor]:
+    if len(masks) == 0:
+        raise ValueError("give one mask (2-D array, > 0.5 inside) per subject")
+    out = []
+    for i, m in enumerate(masks):
+        t = torch.as_tensor(np.asarray(m, dtype=np.float32))
+        if t.dim() != 2 or t.numel() == 0:
+            raise ValueError(f"mask {i} must be a non-empty 2-D array, got shape {tuple(t.shape)}")
+        if not bool((t > 0.5).any()):
+            raise ValueError(f"mask {i} is empty (no value > 0.5)")
+        out.append(t)
     return out
 
 
