@@ -164,6 +164,18 @@ def test_yaml_syntax_error_keeps_the_other_jobs(tmp_path):
                                                                                        ("a bird", 1, 9, 3)]
 
 
+def test_yaml_problems_have_the_line_of_their_job(tmp_path):
+    path = tmp_path / "jobs.yaml"
+    path.write_text("jobz: []\njobs:\n  - prompt: a cat\n\n  - prompt: a dog\n    seeds: -1\n"
+                    "  - {prompt: a cow, maps: 3}\n")
+    result = batch.plan(path)
+    assert [(p.line, p.message) for p in result.problems] == [
+        (1, "unknown top-level key 'jobz'; a YAML job file has 'defaults' and 'jobs'"),
+        (5, "seeds (a count) must be >= 1, got -1"),
+        (7, "maps must be true/false or a list of words, got 3")]
+    assert [u.line for u in result.units] == [3]
+
+
 def test_precedence_job_then_cli_then_defaults(tmp_path):
     path = tmp_path / "jobs.yaml"
     path.write_text("defaults:\n  steps: 3\n  size: 64\n  seeds: 2\njobs:\n"
