@@ -1,0 +1,331 @@
+"""Train `shapes-sd`: a small Stable-Diffusion-architecture model of the testbed world.
+
+    python -m attnedit.testbed.train --out assets/models/shapes-sd --work /tmp/testbed-work
+
+Everything is a real diffusers component (AutoencoderKL, CLIPTextModel + CLIPTokenizer,
+UNet2DConditionModel, DDIM) so every attnedit path runs on it unchanged. Two stages: the VAE
+(64x64 RGB <-> 16x16x4), then the UNet and the text encoder together with classifier-free
+guidance dropout. Seeded; periodic sample grids and checkpoints in the work folder; `--resume`
+continues from the latest checkpoint. The result is saved in fp16 with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .world import VOCABULARY, World
+
+SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+MAX_LENGTH = 24
+
+
+# ------------------------------------------------------------------------------------------ models
+def build_tokenizer(words: tuple[str, ...] = VOCABULARY, max_length: int = MAX_LENGTH):
+    """A CLIP BPE tokenizer whose vocabulary words are single tokens (`word</w>`).
+
+    The 256 byte-level characters (and their `</w>` forms) stay in the vocabulary, so any other
+    text still tokenizes (character by character) without `<unk>`; merges build each world word.
+    """
+    from transformers import CLIPTokenizer
+
+    from ..tiny import byte_level_chars
+
+    chars = byte_level_chars()
+    vocab: dict[str, int] = {s: i for i, s in enumerate(SPECIAL)}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    for ch in chars:
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    # BPE applies merges by global rank, so merges of one word can break another ("red" makes
+    # "re", which splits "three"). Add, for each word, the merges its current pieces need, at the
+    # lowest rank, and repeat until every word is one token.
+    for _ in range(10):
+        tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token=SPECIAL[1])
+        broken = [w for w in sorted(set(words) | {","}) if tok.tokenize(w) != [w + "</w>"]]
+        if not broken:
+            return tok
+        for word in broken:
+            pieces = tok.tokenize(word)
+            while len(pieces) > 1:
+                pair = (pieces[0], pieces[1])
+                if pair not in merges:
+                    merges.append(pair)
+                pieces = [pieces[0] + pieces[1], *pieces[2:]]
+                vocab.setdefault(pieces[0], len(vocab))
+    raise RuntimeError(f"could not make single tokens of {broken}")
+
+
+def build_models(vocab_size: int, seed: int = 0):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
+        latent_channels=4, norm_num_groups=16, sample_size=64,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=64,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 96), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32,
+    )
+    return vae, text, unet
+
+
+def ddpm_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+
+
+def ddim_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+# -------------------------------------------------------------------------------------------- data
+class Dataset:
+    """Pre-rendered world images (uint8) and captions: deterministic, cheap to batch."""
+
+    def __init__(self, seed: int, n: int) -> None:
+        world = World(seed=seed)
+        images, scenes = world.batch(0, n)
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (n, 3, 64, 64)
+        self.captions = [s.caption for s in scenes]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        x = self.images[idx].float() / 127.5 - 1.0
+        return x, [self.captions[i] for i in idx.tolist()]
+
+
+def tokenize(tok, captions: list[str]) -> torch.Tensor:
+    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+# --------------------------------------------------------------------------------------- training
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_vae(vae, data: Dataset, steps: int, batch: int, lr: float, gen: torch.Generator, log) -> float:
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    loss_ema = None
+    from tqdm import tqdm
+
+    bar = tqdm(range(steps), desc="vae", mininterval=5)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, 50)
+        x, _ = data.batch(torch.randint(len(data), (batch,), generator=gen))
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / z[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        if step % 200 == 0 or step == steps - 1:
+            log({"stage": "vae", "step": step, "loss": loss_ema})
+    vae.eval()
+    return float(loss_ema)
+
+
+@torch.no_grad()
+def encode_all(vae, data: Dataset, chunk: int = 64) -> torch.Tensor:
+    """Posterior means of every training image (the VAE is frozen after its stage)."""
+    out = []
+    for i in range(0, len(data), chunk):
+        x, _ = data.batch(torch.arange(i, min(i + chunk, len(data))))
+        out.append(vae.encode(x).latent_dist.mean)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_grid(vae, text, unet, tok, scale: float, prompts: list[str], seed: int, steps: int = 20,
+                guidance: float = 5.0) -> np.ndarray:
+    """Images for `prompts` with DDIM + CFG, as one uint8 grid (for progress pictures)."""
+    sched = ddim_scheduler()
+    sched.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(prompts)
+    lat = torch.randn((n, 4, 16, 16), generator=gen)
+    cond = text(tokenize(tok, prompts))[0]
+    unc = text(tokenize(tok, [""] * n))[0]
+    for t in sched.timesteps:
+        eps = unet(torch.cat([lat, lat]), t, encoder_hidden_states=torch.cat([unc, cond])).sample
+        e_u, e_c = eps.chunk(2)
+        lat = sched.step(e_u + guidance * (e_c - e_u), t, lat).prev_sample
+    img = ((vae.decode(lat / scale).sample.clamp(-1, 1) + 1) * 127.5).round().byte()
+    img = img.permute(0, 2, 3, 1).numpy()
+    cols = 4
+    rows = -(-n // cols)
+    grid = np.full((rows * 64, cols * 64, 3), 255, np.uint8)
+    for i in range(n):
+        grid[(i // cols) * 64:(i // cols + 1) * 64, (i % cols) * 64:(i % cols + 1) * 64] = img[i]
+    return grid
+
+
+def save_pipeline(out: Path, vae, text, unet, tok, scale: float, meta: dict) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    vae = copy.deepcopy(vae)
+    vae.register_to_config(scaling_factor=scale)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=copy.deepcopy(text), tokenizer=tok, unet=copy.deepcopy(unet),
+        scheduler=ddim_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "attnedit.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="attnedit testbed train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="assets/models/shapes-sd", help="pipeline folder to write")
+    ap.add_argument("--work", default="/tmp/testbed-work", help="checkpoints, sample grids, log")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", type=int, default=8000, help="pre-rendered training images")
+    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--cfg-drop", type=float, default=0.1)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--every", type=int, default=500, help="sample grid + checkpoint period")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "log.jsonl"
+    t0 = time.time()
+
+    def log(row: dict) -> None:
+        row = {**row, "elapsed_s": round(time.time() - t0, 1)}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    tok = build_tokenizer()
+    data = Dataset(args.seed, args.data)
+    vae, text, unet = build_models(len(tok), args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    ckpt = work / "checkpoint.pt"
+    start = 0
+    if args.resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["vae"])
+        text.load_state_dict(state["text"])
+        unet.load_state_dict(state["unet"])
+        start, scale, vae_loss = state["step"], state["scale"], state["vae_loss"]
+        ema_unet = copy.deepcopy(unet)
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text = copy.deepcopy(text)
+        ema_text.load_state_dict(state["ema_text"])
+        gen.set_state(state["gen"])
+        print(f"resumed at step {start}")
+    else:
+        vae_loss = train_vae(vae, data, args.vae_steps, 16, 1e-3, gen, log)
+        scale = None
+        ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
+    vae.eval().requires_grad_(False)
+    latents = encode_all(vae, data)
+    if scale is None:
+        scale = float(1.0 / latents.std())
+        log({"stage": "vae-done", "loss": vae_loss, "scaling_factor": scale})
+    sched = ddpm_scheduler()
+    params = [*unet.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    if args.resume and ckpt.is_file():
+        opt.load_state_dict(state["opt"])
+    unet.train()
+    text.train()
+    alphas = sched.alphas_cumprod
+    probe = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a magenta ring",
+             "a cyan circle", "a red star and a blue ring", "a green square left of a yellow triangle",
+             "two red circles", "a blue triangle above a magenta square", "three cyan stars",
+             "a red square, a green circle and a blue star"]
+    loss_ema = None
+    bar = tqdm(range(start, args.steps), desc="unet", mininterval=5, initial=start, total=args.steps)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, 200)
+        idx = torch.randint(len(data), (args.batch,), generator=gen)
+        drop = torch.rand(args.batch, generator=gen) < args.cfg_drop
+        caps = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        z = latents[idx] * scale
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z + (1 - a).sqrt() * noise
+        ehs = text(tokenize(tok, caps))[0]
+        pred = unet(zt, t, encoder_hidden_states=ehs).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for ema, model in ((ema_unet, unet), (ema_text, text)):
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        loss_ema = loss.item() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss.item()
+        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        if (step + 1) % args.every == 0 or step + 1 == args.steps:
+            log({"stage": "unet", "step": step + 1, "loss": loss_ema})
+            grid = sample_grid(vae, ema_text.eval(), ema_unet.eval(), tok, scale, probe, seed=step)
+            Image.fromarray(grid).save(work / f"samples_{step + 1:06d}.png")
+            torch.save({"vae": vae.state_dict(), "text": text.state_dict(), "unet": unet.state_dict(),
+                        "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                        "opt": opt.state_dict(), "step": step + 1, "scale": scale, "vae_loss": vae_loss,
+                        "gen": gen.get_state()}, work / "checkpoint.tmp")
+            os.replace(work / "checkpoint.tmp", ckpt)
+    meta = {"steps": 25, "guidance": 5.0, "height": 64, "width": 64,
+            "trained": {"seed": args.seed, "unet_steps": args.steps, "vae_steps": args.vae_steps,
+                        "batch": args.batch, "lr": args.lr, "final_loss": loss_ema, "vae_loss": vae_loss,
+                        "scaling_factor": scale, "wall_s": round(time.time() - t0, 1)}}
+    save_pipeline(Path(args.out), vae, ema_text, ema_unet, tok, scale, meta)
+    log({"stage": "saved", "out": str(args.out), **meta["trained"]})
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
