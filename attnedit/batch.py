@@ -51,7 +51,7 @@ MANIFEST = "manifest.jsonl"
 SIDECAR_TAG = "attnedit_batch"  # marks sidecars written by this module (with the image key)
 JOB_KEYS = ("id", "prompt", "prompts", "negative_prompt", "seeds", "seed", "size", "height", "width", "steps",
             "guidance", "controls", "maps", "together")
-DEFAULT_KEYS = (*JOB_KEYS, "model")
+DEFAULT_KEYS = (*(k for k in JOB_KEYS if k not in ("id", "prompt", "prompts")), "model")
 _SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
 
 
@@ -400,7 +400,7 @@ def plan(
     defaults, entries, problems = read_jobs(path)
     result = Plan(problems=list(problems), jobs=len(entries))
     result.model = model or defaults.get("model")
-    file_defaults = {k: v for k, v in defaults.items() if k in JOB_KEYS and k not in ("id", "prompt", "prompts")}
+    file_defaults = {k: v for k, v in defaults.items() if k in DEFAULT_KEYS and k != "model"}
     cli = {k: v for k, v in (overrides or {}).items() if v is not None}
     seen: set[str] = set()
     for entry in entries:
