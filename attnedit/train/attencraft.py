@@ -354,16 +354,14 @@ class AttenCraftTrainer:
         info_path = folder / "info.json"
         files = [folder / f"{i:04d}.png" for i in range(cfg.num_class_images)]
         cached = info_path.is_file() and json.loads(info_path.read_text()) == info and all(f.is_file() for f in files)
-        if not cached:
+        if not cached:  # generated in batches of 8; image i always has seed `seed * 1000 + i`
             folder.mkdir(parents=True, exist_ok=True)
-            for i, f in enumerate(files):
-                if f.is_file() and info_path.is_file() and json.loads(info_path.read_text()) == info:
-                    continue
-                res = self.edit.generate(cfg.class_prompt, seed=cfg.seed * 1000 + i, steps=cfg.class_steps,
-                                         height=cfg.resolution, width=cfg.resolution)
-                res.images[0].save(f)
-                if i == 0:
-                    info_path.write_text(json.dumps(info))
+            for start in range(0, len(files), 8):
+                idx = list(range(start, min(start + 8, len(files))))
+                res = self.edit.generate([cfg.class_prompt] * len(idx), seed=[cfg.seed * 1000 + i for i in idx],
+                                         steps=cfg.class_steps, height=cfg.resolution, width=cfg.resolution)
+                for i, im in zip(idx, res.images):
+                    im.save(files[i])
             info_path.write_text(json.dumps(info))
         images = [Image.open(f).convert("RGB") for f in files]
         return torch.cat([self._encode_image(im) for im in images])
