@@ -99,7 +99,7 @@ def pool_image(x: torch.Tensor, grid: tuple[int, int], weight: torch.Tensor) -> 
         img = F.pad(img.float(), (0, pw, 0, ph), mode="replicate").to(x.dtype)
     oh, ow = (h + ph) // df, (w + pw) // df
     cells = img.reshape(b, nh * d, oh, df, ow, df)
-    pooled = torch.einsum("bcyixj,ij->byxc", cells, weight.to(x.dtype))
+    pooled = torch.einsum("bcyixj,ij->byxc", cells, weight.to(x.device, x.dtype))
     return pooled.reshape(b, oh * ow, nh, d)
 
 
@@ -346,6 +346,9 @@ class CLEAR(Control):
                 else:
                     param = next(denoiser.parameters())
                     self.weights = ClearWeights(sorted(self.selected_layers), self.down_factor).to(param.device)
+            device = next(getattr(run.pipe, run.family.denoiser).parameters()).device
+            if next(self.weights.parameters()).device != device:
+                self.weights.to(device)  # follow the model (in place: optimisers keep their parameters)
             missing = sorted(set(self.selected_layers) - set(self.weights.layers))
             if missing:
                 raise ValueError(f"CLEAR weights lack layer {missing[0]!r} ({len(missing)} missing)")
