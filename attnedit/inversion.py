@@ -297,12 +297,14 @@ def invert(
                 out = model(x, t.to(edit_pipe.device)).to(torch.float64)
                 xd = x.to(torch.float64)
                 if ptype == "epsilon":
-                    eps = out
-                    x0 = (xd - math.sqrt(1 - a_prev) * eps) / math.sqrt(a_prev)
-                else:  # v-prediction, read as if x were at level t (what the sampler will assume)
-                    x0 = math.sqrt(a_t) * xd - math.sqrt(1 - a_t) * out
-                    eps = math.sqrt(a_t) * out + math.sqrt(1 - a_t) * xd
-                x = (math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps).to(trajectory[0].dtype)
+                    # the sampler maps x_t to x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps; solve for x_t
+                    x0 = (xd - math.sqrt(1 - a_prev) * out) / math.sqrt(a_prev)
+                    x = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * out
+                else:  # v-prediction: x_prev = A x_t + B v with the sampler's x0/eps from (x_t, v)
+                    a = math.sqrt(a_prev * a_t) + math.sqrt((1 - a_prev) * (1 - a_t))
+                    b = math.sqrt((1 - a_prev) * a_t) - math.sqrt(a_prev * (1 - a_t))
+                    x = (xd - b * out) / a
+                x = x.to(trajectory[0].dtype)
                 trajectory.append(x)
             timesteps = sched.timesteps.clone()
         else:
