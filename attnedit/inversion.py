@@ -135,10 +135,18 @@ def encode_image(edit_pipe, image: Image.Image) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------- schedules
 def ddim_scheduler(edit_pipe):
-    """A DDIM scheduler with the pipeline's noise schedule (the pipeline's own if it is DDIM)."""
+    """A DDIM scheduler with the pipeline's noise schedule (the pipeline's own settings if it is DDIM).
+
+    From another scheduler's config (SDXL ships Euler), DDIM's own defaults would clip x0 to
+    [-1, 1] and set the final alpha to one; MasaCtrl's settings are used instead
+    (`clip_sample=False`, `set_alpha_to_one=False`), which keep the inversion exact.
+    """
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(edit_pipe.pipe.scheduler.config)
+    config = edit_pipe.pipe.scheduler.config
+    if type(edit_pipe.pipe.scheduler).__name__ == "DDIMScheduler":
+        return DDIMScheduler.from_config(config)
+    return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
 
 
 @contextmanager

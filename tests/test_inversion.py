@@ -53,7 +53,7 @@ def _fake_denoiser(pipe, monkeypatch):
     monkeypatch.setattr(pipe.denoiser, "forward", forward)
 
 
-@pytest.mark.parametrize("family", ["sd", "sd-v", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd", "sd-v", "sdxl", "sd3", "flux"])
 def test_round_trip_is_exact_for_a_timestep_only_model(family, monkeypatch):
     pipe = attnedit.load(f"tiny-{family.split('-')[0]}")
     if family == "sd-v":  # a v-prediction model (SD 2.x-768 style; the official code fails on these)
