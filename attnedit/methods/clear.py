@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ..controller import Run
     from ..pipeline import EditPipeline
 
-__all__ = ["CLEAR", "ClearWeights", "load_adapter", "save_adapter"]
+__all__ = ["CLEAR", "ClearWeights"]  # adapters: attnedit.methods.clear.load_adapter / save_adapter
 
 BACKENDS = ("auto", "kernels", "flex", "dense")
 ADAPTER_FORMAT = "attnedit-clear"
