@@ -210,6 +210,9 @@ def load(
     if device is not None:
         pipe.to(device)
     edit = EditPipeline(pipe, model_name=str(model))
+    settings = Path(where, "attnedit.json")
+    if settings.is_file():  # recommended steps/guidance/size shipped with a model folder
+        edit.settings = json.loads(settings.read_text())
     for option, path in adapters.items():
         import importlib
 
@@ -242,6 +245,8 @@ class EditPipeline:
         self.model_name = model_name or getattr(pipe, "name_or_path", type(pipe).__name__)
         # controls every `generate` runs first (set by adapters, e.g. a loaded CLEAR student's window)
         self.default_controls: list[Control] = []
+        # recommended generation settings of the model folder (`attnedit.json`: steps, guidance, ...)
+        self.settings: dict[str, Any] = {}
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -271,6 +276,8 @@ class EditPipeline:
         """The model's native size: config sample_size x VAE factor (FLUX: 1024, tiny: 64)."""
         if str(self.model_name).startswith(TINY_PREFIX):
             return (64, 64)
+        if "height" in self.settings and "width" in self.settings:
+            return (int(self.settings["height"]), int(self.settings["width"]))
         size = getattr(self.denoiser.config, "sample_size", None)
         if size is None:
             return (1024, 1024)
@@ -327,7 +334,9 @@ class EditPipeline:
         steps = int(steps) if steps is not None else self.default_steps()
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        guidance = float(guidance) if guidance is not None else self.family.default_guidance
+        if guidance is None:
+            guidance = self.settings.get("guidance", self.family.default_guidance)
+        guidance = float(guidance)
         dh, dw = self.default_size()
         height, width = int(height or dh), int(width or dw)
         stride = self.pixel_stride
@@ -434,7 +443,15 @@ class EditPipeline:
 
         return edit(self, image, source_prompt, target_prompt, **kw)
 
+    def recommended(self) -> dict[str, Any]:
+        """Recommended settings of this model (steps, guidance, height, width)."""
+        h, w = self.default_size()
+        return {"steps": self.default_steps(), "guidance": self.settings.get("guidance", self.family.default_guidance),
+                "height": h, "width": w}
+
     def default_steps(self) -> int:
+        if "steps" in self.settings:
+            return int(self.settings["steps"])
         if str(self.model_name).startswith(TINY_PREFIX):
             return 4
         return self.family.default_steps
