@@ -30,6 +30,16 @@ from attnedit.train.attencraft import (
     load_image,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two OpenMP threads on a shared, busy 2-core machine run the tiny convolutions ~20x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 FAST = dict(steps=4, num_class_images=1, class_steps=1, checkpoint_every=2, refresh_every=2, margin=0.05,
             progress=False)
 
