@@ -308,13 +308,23 @@ def _tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype="float32") / 255.0).permute(2, 0, 1)
 
 
+def _fast_prompts() -> list[str]:
+    """The testbed's prompt set for fast-attention fidelity (assets/testbed/prompts/fast.json)."""
+    import json
+
+    path = ROOT / "assets" / "testbed" / "prompts" / "fast.json"
+    if path.is_file():
+        return list(json.loads(path.read_text())["prompts"])
+    return ["a red circle and a blue square", "a green triangle above a yellow circle", "two magenta squares"]
+
+
 def fidelity_rows(
     model: str = "shapes-sd",
-    prompts: Sequence[str] = ("a red circle and a blue square", "a green triangle above a yellow circle",
-                              "two purple squares", "a blue circle on the left and an orange triangle on the right"),
+    prompts: Sequence[str] | None = None,
     seeds: Sequence[int] = (0, 1, 2, 3),
     *,
     steps: int | None = None,
+    guidance: float | None = None,
     height: int | None = None,
     width: int | None = None,
     methods: Sequence[tuple[str, Callable[[], list]]] | None = None,
@@ -322,16 +332,20 @@ def fidelity_rows(
 ) -> list[dict[str, Any]]:
     """PSNR/SSIM of each method's final images against full attention (same prompts and seeds).
 
+    Default prompts: the testbed's `fast.json` set. On UNets the rows are ToDo 2/3/4 and Agent
+    (all steps, and the published schedule); on DiTs CLEAR r 8/16/32 are added (untrained window).
+
     Returns one row per method: {"method", "psnr", "ssim", "n"} (mean over prompts x seeds; PSNR
     over pairs that differ; identical pairs count as inf and are reported in "identical").
     """
     ep = edit_pipe if edit_pipe is not None else attnedit.load(model)
+    prompts = list(prompts) if prompts is not None else _fast_prompts()
     arch = "flux" if ep.family.name == "flux" else ("dit" if ep.family.arch == "dit" else "unet")
     if methods is None:
         methods = [m for m in method_table("flux" if arch != "unet" else "sd15") if m[0] != "plain"]
         # the published schedule too (agents in the first 40 % of the steps, plain after)
         methods.append(("Agent (default schedule)", lambda: [attnedit.AgentAttention()]))
-    kw = dict(steps=steps, height=height, width=width)
+    kw = dict(steps=steps, guidance=guidance, height=height, width=width)
     base = {}
     for p in prompts:
         for s in seeds:
