@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/attencraft_memory.json")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # a shared, busy machine: one thread is much faster than two fighting for cores
     if args._child:
         print(json.dumps(_real(args._child[0], int(args._child[1]))))
         return 0

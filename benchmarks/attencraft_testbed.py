@@ -111,10 +111,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", default="{}", help="JSON of extra AttenCraft options for every variant")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     args = ap.parse_args(argv)
+    command = "python benchmarks/attencraft_testbed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    evaluate(command=command, **vars(args))
+    return 0
+
+
+def evaluate(model: str = "shapes-sd", steps: int = 300, lr: float = 1e-4, seeds: int = 16, class_images: int = 24,
+             class_prompt: str = "a red circle and a blue square", gen_steps: int | None = None,
+             presence: float = 0.015, variants: str = ",".join(VARIANTS),
+             out: str = "benchmarks/results/attencraft_testbed", extra: str = "{}", threads: int = 1,
+             command: str = "evaluate()") -> dict:
+    """Train every variant on the two-object image and measure it; returns (and writes) the results table.
+
+    For `benchmarks/quality.py`: `evaluate(model="shapes-sd")["results"]` maps variant -> prompt -> rates.
+    """
     import torch
 
-    torch.set_num_threads(args.threads)
-
+    torch.set_num_threads(threads)
+    args = argparse.Namespace(model=model, steps=steps, lr=lr, seeds=seeds, class_images=class_images,
+                              class_prompt=class_prompt, gen_steps=gen_steps, presence=presence,
+                              variants=variants, out=out, extra=extra, threads=threads)
     import attnedit
     from attnedit.train.attencraft import attencraft
 
@@ -185,13 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                 for ci, im in enumerate(ims):
                     sheet.paste(im.resize((cell, cell)), ((ci + 1) * cell, y))
         sheet.save(out / "samples.png")
-    command = "python benchmarks/attencraft_testbed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"command": command, "args": vars(args),
-            "training_image": {"orange": ref[0], "pink": ref[1]}, "prompts": prompts, "results": table,
-            }
+            "training_image": {"orange": ref[0], "pink": ref[1]}, "prompts": prompts, "results": table}
     (out / "results.json").write_text(json.dumps(meta, indent=1))
     print(f"\nwritten {out / 'results.json'} and {out / 'samples.png'} (rows per variant: <circle>, <square>, both)")
-    return 0
+    return meta
 
 
 if __name__ == "__main__":
