@@ -10,8 +10,10 @@ alone and with both. Appearance statistics count pixels of each concept's colour
 saturation >= 0.45; pink: hue 318-348, saturation 0.2-0.8, value >= 0.6); a concept "appears" when it covers at
 least `--presence` of the image. When `attnedit.testbed.detector` is available its object count is reported too.
 
-Variants: `attencraft` (the recipe), `no-attn-loss` (the same training without the attention loss) and
-`plain` (Custom-Diffusion-style: no attention loss, unmasked denoising loss).
+Variants: `attencraft` (the recipe), `attencraft-T0.1` (JSD on softmax(x / 0.1): both inputs lie in [0, 1], so at
+T = 1 the two distributions are nearly uniform and the loss is weak; attnedit's option, not the paper's),
+`no-attn-loss` (the same training without the attention loss) and `plain` (Custom-Diffusion-style: no attention
+loss, unmasked denoising loss).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VARIANTS = {
     "attencraft": {},
+    "attencraft-T0.1": {"jsd_temperature": 0.1},
     "no-attn-loss": {"attn_weight": 0.0},
     "plain": {"attn_weight": 0.0, "mask_denoise": False},
 }
