@@ -321,3 +321,20 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     rc = main(["train", "attencraft", "--image", str(tmp_path / "no.png"), "--concepts", "dog,cat",
                "--output", str(tmp_path / "o")])
     assert rc == 2 and "image not found" in capsys.readouterr().err
+
+
+def test_three_concepts_train_and_reload(tmp_path):
+    import attnedit
+
+    img = np.full((64, 64, 3), 128, np.uint8)
+    img[4:22, 4:22] = [230, 30, 30]
+    img[4:22, 42:60] = [30, 200, 30]
+    img[42:60, 22:40] = [30, 30, 230]
+    path = tmp_path / "three.png"
+    Image.fromarray(img).save(path)
+    res = attencraft(path, ["red", "green", "blue"], tmp_path / "run", model="tiny-sd", steps=2, prior_weight=0.0,
+                     margin=0.02, refresh_every=0, checkpoint_every=0, progress=False)
+    assert res.masks.shape == (4, 8, 8) and all(float(m.sum()) > 0 for m in res.masks)
+    assert res.tokens == ["<red>", "<green>", "<blue>"]
+    pipe = attnedit.load("tiny-sd", concepts=res.output)
+    assert all(len(pipe.pipe.tokenizer(t, add_special_tokens=False).input_ids) == 1 for t in res.tokens)
