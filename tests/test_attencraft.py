@@ -338,3 +338,23 @@ def test_three_concepts_train_and_reload(tmp_path):
     assert res.tokens == ["<red>", "<green>", "<blue>"]
     pipe = attnedit.load("tiny-sd", concepts=res.output)
     assert all(len(pipe.pipe.tokenizer(t, add_special_tokens=False).input_ids) == 1 for t in res.tokens)
+
+
+def test_sdxl_trains_both_text_encoders_and_reloads(blobs):
+    import attnedit
+
+    root, image = blobs
+    res = attencraft(image, "dog,cat", root / "sdxl", model="tiny-sdxl", steps=2, num_class_images=1, class_steps=1,
+                     margin=0.02, refresh_every=0, checkpoint_every=0, progress=False)
+    meta, tensors = read_concepts(res.output)
+    assert meta["family"] == "sdxl" and tensors["token_embeddings"].shape == (2, 32)
+    assert tensors["token_embeddings_2"].shape == (2, 32)
+    base = attnedit.load("tiny-sdxl")
+    pipe = attnedit.load("tiny-sdxl", concepts=res.output)
+    for tok in (pipe.pipe.tokenizer, pipe.pipe.tokenizer_2):
+        assert len(tok("<cat>", add_special_tokens=False).input_ids) == 1
+    a = np.asarray(pipe("a photo of <cat>", seed=0).images[0], dtype=np.float32)
+    b = np.asarray(base("a photo of <cat>", seed=0).images[0], dtype=np.float32)
+    assert np.abs(a - b).mean() > 0.5
+    with pytest.raises(ValueError, match="'sdxl' model"):
+        load_concepts(attnedit.load("tiny-sd"), res.output)

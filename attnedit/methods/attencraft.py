@@ -369,14 +369,20 @@ def load_concepts(edit_pipe: Any, path: str | Path) -> list[str]:
         raise ValueError(f"{path} was trained on another model ({meta.get('model')!r}; {differs}); "
                          f"load it into that model")
     tokens = list(meta["tokens"])
-    tok, enc = pipe.tokenizer, pipe.text_encoder
-    vocab = tok.get_vocab()
-    clash = [t for t in tokens if t in vocab]
-    if clash:
-        raise ValueError(f"token(s) {', '.join(clash)} are already in the tokenizer (concepts loaded twice?)")
-    emb = tensors["token_embeddings"]
-    if emb.shape != (len(tokens), enc.get_input_embeddings().weight.shape[1]):
-        raise ValueError(f"embeddings {tuple(emb.shape)} do not fit {len(tokens)} tokens of this text encoder")
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if family == "sdxl":
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    embeddings = []
+    for n, (tok, enc) in enumerate(pairs):
+        clash = [t for t in tokens if t in tok.get_vocab()]
+        if clash:
+            raise ValueError(f"token(s) {', '.join(clash)} are already in the tokenizer (concepts loaded twice?)")
+        key = "token_embeddings" if n == 0 else f"token_embeddings_{n + 1}"
+        emb = tensors.get(key)
+        if emb is None or emb.shape != (len(tokens), enc.get_input_embeddings().weight.shape[1]):
+            shape = None if emb is None else tuple(emb.shape)
+            raise ValueError(f"{key} {shape} does not fit {len(tokens)} tokens of text encoder {n + 1}")
+        embeddings.append(emb)
     unet = pipe.unet
     modules = dict(unet.named_modules())
     updates: dict[str, torch.Tensor] = {}
@@ -400,14 +406,16 @@ def load_concepts(edit_pipe: Any, path: str | Path) -> list[str]:
                     raise ValueError(f"{key}: weight {tuple(new.shape)} does not fit {tuple(weight.shape)}")
                 updates[key] = new
     # all checks passed: change the pipeline
-    tok.add_tokens(tokens)
-    ids = tok.convert_tokens_to_ids(tokens)
-    table = enc.get_input_embeddings()
-    if max(ids) >= table.weight.shape[0]:
-        enc.resize_token_embeddings(len(tok))
+    for (tok, enc), emb in zip(pairs, embeddings):
+        tok.add_tokens(tokens)
+        ids = tok.convert_tokens_to_ids(tokens)
         table = enc.get_input_embeddings()
+        if max(ids) >= table.weight.shape[0]:
+            enc.resize_token_embeddings(len(tok))
+            table = enc.get_input_embeddings()
+        with torch.no_grad():
+            table.weight[ids] = emb.to(table.weight)
     with torch.no_grad():
-        table.weight[ids] = emb.to(table.weight)
         for key, value in updates.items():
             layer, proj = key.rsplit(".", 1)
             weight = getattr(modules[layer], proj).weight

@@ -6,6 +6,7 @@
     >>> result = attencraft("photo.png", ["dog", "cat"], "runs/dogcat", model="shapes-sd", steps=500)
     >>> pipe = attnedit.load("shapes-sd", concepts="runs/dogcat")   # tokens <dog>, <cat>
 
+Models: SD 1.x/2.x-architecture pipelines and SDXL (new tokens in both of its text encoders).
 Recipe (see /work/shared/specs/attencraft.md and `attnedit.methods.attencraft`): the cross-attention K/V projections
 of every attn2 (or LoRA adapters on them, `train="lora"`, needs `peft`) and the new token embeddings are trained;
 the start token's K/V are detached. Masks are built once at a noisy step (retried with new timesteps and smaller
@@ -287,8 +288,8 @@ class AttenCraftTrainer:
             edit = EditPipeline(copy.deepcopy(self.model.pipe), model_name=self.model.model_name)
         else:
             edit = load(self.model)
-        if edit.family.name != "sd":
-            raise ValueError(f"AttenCraft training supports SD-architecture models (one CLIP text encoder and a UNet); "
+        if edit.family.name not in ("sd", "sdxl"):
+            raise ValueError(f"AttenCraft training supports UNet models with CLIP text encoders (SD 1.x/2.x, SDXL); "
                              f"{edit.model_name!r} is {edit.family.label}")
         self.edit = edit
         self.model_name = edit.model_name
@@ -307,7 +308,7 @@ class AttenCraftTrainer:
         self.class_latents = self._class_latents() if cfg.prior_weight > 0 else None
         self._add_tokens()
         self._make_trainable()
-        self.params = [self.new_embeds, *self.kv_params.values()]
+        self.params = [*self.new_embeds, *self.kv_params.values()]
         opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
         self.optimizer = self.acc.prepare(opt)
         from diffusers import DDPMScheduler
@@ -315,7 +316,10 @@ class AttenCraftTrainer:
         self.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
         self.num_train_t = int(self.noise_sched.config.num_train_timesteps)
         self.latent = self._encode_image(self.pil)
-        self.class_enc = self._encode_text([cfg.class_prompt]).detach() if self.class_latents is not None else None
+        self.class_enc = None
+        if self.class_latents is not None:
+            with torch.no_grad():
+                self.class_enc = self._encode_text([cfg.class_prompt])
         # recording control on the cross (latent/4) and self (latent/2) layers of the recipe
         self.controller = Controller(pipe, [])
         reg = self.controller.registry
@@ -340,9 +344,9 @@ class AttenCraftTrainer:
         """Remove the recording processors and the embedding hook (the trainer's own pipeline copy)."""
         if getattr(self, "controller", None) is not None:
             self.controller.remove()
-        if getattr(self, "_hook", None) is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+        self._hooks = []
         if self.cfg.tensorboard and getattr(self, "acc", None) is not None:
             self.acc.end_training()
 
@@ -374,55 +378,76 @@ class AttenCraftTrainer:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((lat - shift) * vae.config.scaling_factor).float()
 
-    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        return self.pipe.text_encoder(ids.to(self.device))[0]
+    def _text_pairs(self) -> list[tuple[Any, Any]]:
+        """(tokenizer, text encoder) pairs: one for SD, two for SDXL (their features are concatenated)."""
+        pairs = [(self.pipe.tokenizer, self.pipe.text_encoder)]
+        if self.edit.family.name == "sdxl":
+            pairs.append((self.pipe.tokenizer_2, self.pipe.text_encoder_2))
+        return pairs
+
+    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, pooled embedding or None) as the pipeline's own encode_prompt builds them."""
+        pairs = self._text_pairs()
+        if len(pairs) == 1:
+            tok, enc = pairs[0]
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            return enc(ids.to(self.device))[0], None
+        hidden, pooled = [], None
+        for tok, enc in pairs:  # SDXL: penultimate hidden states of both, pooled projection of the second
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            out = enc(ids.to(self.device), output_hidden_states=True)
+            pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def _added_cond(self, pooled: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        if pooled is None:
+            return None
+        r = float(self.cfg.resolution)
+        time_ids = torch.tensor([[r, r, 0.0, 0.0, r, r]], device=self.device).expand(pooled.shape[0], -1)
+        return {"text_embeds": pooled, "time_ids": time_ids}
 
     def _add_tokens(self) -> None:
         cfg = self.cfg
-        tok, enc = self.pipe.tokenizer, self.pipe.text_encoder
-        vocab = tok.get_vocab()
-        clash = [t for t in cfg.tokens if t in vocab]
-        if clash:
-            raise ValueError(f"token(s) {', '.join(clash)} already exist in the tokenizer; choose new ones with "
-                             "tokens=[...] (e.g. <c0>, <c1>)")
-        table = enc.get_input_embeddings().weight
-        inits = []
-        for word, token in zip(cfg.initializers, cfg.tokens):
-            ids = tok(word, add_special_tokens=False).input_ids
-            if not ids:
-                raise ValueError(f"initializer word {word!r} gives no token")
-            if len(ids) > 1:
-                self.notes.append(f"'{word}' is {len(ids)} tokens in this tokenizer: the new single token {token} "
-                                  "starts from their mean embedding")
-            inits.append(table[ids].detach().float().mean(0))
-        tok.add_tokens(cfg.tokens)
-        ids = tok.convert_tokens_to_ids(cfg.tokens)
-        if max(ids) >= table.shape[0]:
-            enc.resize_token_embeddings(len(tok))
-        table = enc.get_input_embeddings()
-        for token in cfg.tokens:
-            if len(tok(token, add_special_tokens=False).input_ids) != 1:
-                raise RuntimeError(f"the tokenizer does not keep {token} as one token")
-        self.token_ids = ids
-        self.new_embeds = torch.nn.Parameter(torch.stack(inits).to(self.device))
-        lut = torch.full((table.weight.shape[0],), -1, dtype=torch.long)
-        lut[torch.tensor(ids)] = torch.arange(len(ids))
-        self._lut = lut.to(self.device)
-
-        def put_new_rows(module, args, output):  # rows of the new tokens come from the trainable parameter
-            idx = self._lut[args[0]]
-            new = self.new_embeds[idx.clamp_min(0)].to(output.dtype)
-            return torch.where((idx >= 0).unsqueeze(-1), new, output)
-
-        self._hook = table.register_forward_hook(put_new_rows)
+        self.new_embeds: list[torch.nn.Parameter] = []
+        self._hooks = []
+        pairs = self._text_pairs()
+        for tok, _ in pairs:
+            clash = [t for t in cfg.tokens if t in tok.get_vocab()]
+            if clash:
+                raise ValueError(f"token(s) {', '.join(clash)} already exist in the tokenizer; choose new ones with "
+                                 "tokens=[...] (e.g. <c0>, <c1>)")
+        for n, (tok, enc) in enumerate(pairs):
+            table = enc.get_input_embeddings().weight
+            inits = []
+            for word, token in zip(cfg.initializers, cfg.tokens):
+                ids = tok(word, add_special_tokens=False).input_ids
+                if not ids:
+                    raise ValueError(f"initializer word {word!r} gives no token")
+                if len(ids) > 1 and n == 0:
+                    self.notes.append(f"'{word}' is {len(ids)} tokens in this tokenizer: the new single token "
+                                      f"{token} starts from their mean embedding")
+                inits.append(table[ids].detach().float().mean(0))
+            tok.add_tokens(cfg.tokens)
+            ids = tok.convert_tokens_to_ids(cfg.tokens)
+            if max(ids) >= table.shape[0]:
+                enc.resize_token_embeddings(len(tok))
+            table = enc.get_input_embeddings()
+            for token in cfg.tokens:
+                if len(tok(token, add_special_tokens=False).input_ids) != 1:
+                    raise RuntimeError(f"the tokenizer does not keep {token} as one token")
+            param = torch.nn.Parameter(torch.stack(inits).to(self.device))
+            lut = torch.full((table.weight.shape[0],), -1, dtype=torch.long)
+            lut[torch.tensor(ids)] = torch.arange(len(ids))
+            self.new_embeds.append(param)
+            self._hooks.append(table.register_forward_hook(_row_replacer(param, lut.to(self.device))))
 
     def _make_trainable(self) -> None:
         cfg = self.cfg
         unet = self.pipe.unet
-        for m in (unet, self.pipe.text_encoder, self.pipe.vae):
+        for m in (unet, self.pipe.vae, *(enc for _, enc in self._text_pairs())):
             m.requires_grad_(False)
             m.eval()
         self.layers = sorted(n for n, m in unet.named_modules() if n.endswith("attn2") and hasattr(m, "to_k"))
@@ -519,7 +544,7 @@ class AttenCraftTrainer:
         self._unet(self.latent, self._encode_text([prompt]), t, noise, keys, record_self, autocast=False)
         return self.recorder.cross_maps(), cols
 
-    def _unet(self, latents, enc, t, noise, keys, record_self, autocast: bool = True):
+    def _unet(self, latents, cond, t, noise, keys, record_self, autocast: bool = True):
         """One UNet forward with the recorder armed (mask initialisation runs in full precision)."""
         from contextlib import nullcontext
 
@@ -534,7 +559,8 @@ class AttenCraftTrainer:
         layout = BatchLayout.standard(latents.shape[0], False)
         with self.controller.pass_phase("guidance", layout=layout, step=0), \
                 (self.acc.autocast() if autocast else nullcontext()):
-            pred = self.pipe.unet(noisy, t, encoder_hidden_states=enc).sample
+            pred = self.pipe.unet(noisy, t, encoder_hidden_states=cond[0], added_cond_kwargs=self._added_cond(cond[1])
+                                  ).sample
         rec.positions = None
         rec.record_self = False
         return pred.float(), noisy
@@ -590,14 +616,16 @@ class AttenCraftTrainer:
         """Total loss of one micro-batch and its parts; `extra` carries the maps a mask refresh needs."""
         cfg = self.cfg
         k = len(cfg.concepts)
-        enc = self._encode_text([batch.prompt])
+        enc, pooled = self._encode_text([batch.prompt])
         latents = self.latent
         if self.class_latents is not None:
-            enc = torch.cat([enc, self.class_enc])
+            enc = torch.cat([enc, self.class_enc[0]])
+            if pooled is not None:
+                pooled = torch.cat([pooled, self.class_enc[1]])
             latents = torch.cat([latents, self.class_latents[batch.class_index : batch.class_index + 1]])
         keys, cols = self._positions(batch.prompt, batch.subset, spans=batch.refresh)
         noise = batch.noise.to(self.device)
-        pred, _ = self._unet(latents, enc, batch.timesteps, noise, keys, batch.refresh)
+        pred, _ = self._unet(latents, (enc, pooled), batch.timesteps, noise, keys, batch.refresh)
         if self.noise_sched.config.prediction_type == "v_prediction":
             target = self.noise_sched.get_velocity(latents, noise, batch.timesteps.to(self.device))
         else:
@@ -677,7 +705,7 @@ class AttenCraftTrainer:
 
     # --------------------------------------------------------------------------------------- checkpoints
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        state = {"token_embeddings": self.new_embeds.detach().cpu().clone()}
+        state = {_embedding_key(n): e.detach().cpu().clone() for n, e in enumerate(self.new_embeds)}
         state.update({k: v.detach().cpu().clone() for k, v in self.kv_params.items()})
         return state
 
@@ -714,7 +742,8 @@ class AttenCraftTrainer:
             if differs:
                 raise ValueError(f"checkpoint {self.resume_from} was made with another base model ({differs})")
         with torch.no_grad():
-            self.new_embeds.copy_(state["trainable"]["token_embeddings"])
+            for n, e in enumerate(self.new_embeds):
+                e.copy_(state["trainable"][_embedding_key(n)])
             for k, p in self.kv_params.items():
                 p.copy_(state["trainable"][k])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -791,6 +820,21 @@ class AttenCraftTrainer:
             bar.close()
             self.close()
         return TrainResult(path.parent, list(cfg.tokens), self.history, self.masks.detach().cpu(), self.notes)
+
+
+def _embedding_key(n: int) -> str:
+    return "token_embeddings" if n == 0 else f"token_embeddings_{n + 1}"
+
+
+def _row_replacer(param: torch.nn.Parameter, lut: torch.Tensor):
+    """Forward hook of an embedding table: rows of the new tokens come from the trainable `param`."""
+
+    def hook(module, args, output):
+        idx = lut[args[0]]
+        new = param[idx.clamp_min(0)].to(output.dtype)
+        return torch.where((idx >= 0).unsqueeze(-1), new, output)
+
+    return hook
 
 
 def attencraft(image: str | Path, concepts: str | list[str], output_dir: str | Path, *, model: Any = None,
