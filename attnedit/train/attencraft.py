@@ -17,6 +17,11 @@ prior preservation on class images the base model generates itself.
 Each concept gets a new single token `<word>` (or `tokens=`), initialised from the mean embedding of its word's
 tokens: a word the tokenizer splits into several tokens (or that it knows already) is never reused as is.
 Runs are resumable (`resume="latest"`), and a folder that already holds a run is never overwritten.
+
+Differences from the official training script: no random-rescale augmentation (so no validity mask: the masked
+denoising loss is averaged over every latent pixel), the instance latent is the VAE mean (not a sample), prior
+preservation is optional (`prior_weight=0`), masks are initialised in full precision, and refreshes that cannot
+separate the concepts can stop the run (`refresh_patience`, off by default as in the official code).
 """
 
 from __future__ import annotations
