@@ -1,0 +1,468 @@
+"""The attnedit Gradio app: a thin page over attnedit's public API.
+
+    attnedit app --model tiny-sd --models tiny-sd,shapes-sd --port 7860
+
+Every run builds its controls afresh (`attnedit.make_control`), takes the lock of its model (so
+two requests never share one pipeline's processors or a control's state), reports its steps to
+`gr.Progress`, and returns its image as PNG plus the parameters as a job line the batch CLI reads.
+Bad input surfaces as the `ValueError` text of attnedit, shown in the page by `gr.Error`. Models
+come only from the configured list (safetensors weights only); uploads are size-capped and
+resized to the generation size (said in the page).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image, ImageDraw
+
+import attnedit
+from attnedit.pipeline import DEFAULT_MODEL
+from attnedit.visualize import heatmap, map_grid
+
+MAX_UPLOAD = "8mb"  # gradio rejects larger uploads before they reach a handler
+MAX_SIDE = 1024  # largest image side the page may ask for
+MAX_STEPS = 100
+MAX_SELF_TOKENS = 1024  # self-attention maps kept for the pixel picker: grids up to 32x32
+SPEEDUPS = ("todo", "agent", "clear")  # toggles of the Generate tab, shown when the control exists
+RUNS = "attnedit-runs"  # one gradio concurrency group for every run; the model locks do the rest
+
+
+# ----------------------------------------------------------------------------------- models
+class ModelPool:
+    """The models the page may use, loaded on first use; one lock per model serialises its runs."""
+
+    def __init__(self, names: list[str], default: str | None = None, *, device: str | None = None,
+                 dtype: str | None = None) -> None:
+        names = [n.strip() for n in names if n and n.strip()]
+        if not names:
+            raise ValueError("the app needs at least one model")
+        self.names = list(dict.fromkeys(names))
+        self.default = default if default is not None else self.names[0]
+        if self.default not in self.names:
+            self.names.insert(0, self.default)
+        self.device, self.dtype = device, dtype
+        self._pipes: dict[str, attnedit.EditPipeline] = {}
+        self._locks = {n: threading.Lock() for n in self.names}
+        self._loading = threading.Lock()
+
+    def check(self, name: str) -> str:
+        if name not in self.names:
+            raise ValueError(f"model {name!r} is not offered by this app; choose from {', '.join(self.names)}")
+        return name
+
+    def get(self, name: str) -> attnedit.EditPipeline:
+        self.check(name)
+        with self._loading:
+            if name not in self._pipes:
+                # safetensors only: never unpickle weights on behalf of a web page
+                self._pipes[name] = attnedit.load(name, device=self.device, dtype=self.dtype, use_safetensors=True)
+        return self._pipes[name]
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[attnedit.EditPipeline]:
+        pipe = self.get(name)
+        with self._locks[name]:
+            yield pipe
+
+
+# ------------------------------------------------------------------------------------ helpers
+def available_controls() -> dict[str, type]:
+    """`attnedit.CONTROLS` after importing every method module that imports cleanly."""
+    import importlib
+    import pkgutil
+
+    import attnedit.methods as methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        try:
+            importlib.import_module(f"attnedit.methods.{info.name}")
+        except Exception as err:  # a method being written right now must not take the app down
+            print(f"attnedit app: method module {info.name!r} not loaded: {type(err).__name__}: {err}")
+    return dict(attnedit.CONTROLS)
+
+
+def readable(fn: Callable) -> Callable:
+    """Turn attnedit's ValueErrors (unknown word, bad box, bad size ...) into messages in the page."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except ValueError as err:
+            raise gr.Error(str(err), title="Cannot run this") from err
+
+    return wrapper
+
+
+class _StepProgress(attnedit.Control):
+    """Reports each denoising step to the page; acts on no layer."""
+
+    name = "app-progress"
+
+    def __init__(self, report: Callable[[int, int], None]) -> None:
+        super().__init__(layers=lambda info: False)
+        self._report = report
+
+    def begin_step(self, run: Any, step: int) -> None:
+        self._report(step, run.num_steps or 1)
+
+
+PROGRESS = gr.Progress()  # gradio swaps in each request's own tracker
+
+
+def _progress(progress: gr.Progress, what: str) -> _StepProgress:
+    return _StepProgress(lambda step, total: progress((step, total), desc=f"{what}: step {step + 1}/{total}"))
+
+
+def _int(value: Any, what: str, lo: int, hi: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be a whole number, got {value!r}") from err
+    if number != int(number) or not lo <= number <= hi:
+        raise ValueError(f"{what} must be a whole number from {lo} to {hi}, got {value!r}")
+    return int(number)
+
+
+@dataclass
+class Settings:
+    """The generation parameters common to every tab, checked against the app's limits."""
+
+    seed: int
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    negative_prompt: str | None = None
+
+    @classmethod
+    def parse(cls, seed: Any, steps: Any, guidance: Any, height: Any, width: Any,
+              negative_prompt: str | None = None) -> Settings:
+        try:
+            g = float(guidance)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"guidance must be a number, got {guidance!r}") from err
+        if not 0.0 <= g <= 30.0:
+            raise ValueError(f"guidance must be from 0 to 30, got {g}")
+        return cls(
+            seed=_int(seed, "seed", 0, 2**32 - 1),
+            steps=_int(steps, "steps", 1, MAX_STEPS),
+            guidance=g,
+            height=_int(height, "height", 8, MAX_SIDE),
+            width=_int(width, "width", 8, MAX_SIDE),
+            negative_prompt=(negative_prompt or "").strip() or None,
+        )
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(seed=self.seed, steps=self.steps, guidance=self.guidance, height=self.height,
+                    width=self.width, negative_prompt=self.negative_prompt)
+
+
+def _prompt(text: str | None, what: str = "prompt") -> str:
+    text = (text or "").strip()
+    if not text:
+        raise ValueError(f"the {what} is empty; type what the image should show")
+    return text
+
+
+def control_spec(control: attnedit.Control) -> dict[str, Any]:
+    """A control as the batch CLI and `make_control` take it: its name and constructor options."""
+    return {"name": control.name, **control.options()}
+
+
+def job_of(params: dict[str, Any], controls: list[attnedit.Control]) -> dict[str, Any]:
+    """One batch job line (`attnedit batch`) reproducing a result."""
+    job: dict[str, Any] = {
+        "model": params["model"],
+        "prompt": params["prompt"],
+        "seeds": list(params["seeds"]),
+        "steps": params["steps"],
+        "guidance": params["guidance"],
+        "height": params["height"],
+        "width": params["width"],
+        "controls": [control_spec(c) for c in controls],
+    }
+    if params.get("negative_prompt"):
+        job["negative_prompt"] = params["negative_prompt"]
+    return job
+
+
+class Outputs:
+    """Files handed to the page (PNG images, JSON jobs), in a private temp folder pruned hourly."""
+
+    def __init__(self, root: Path | None = None, keep_s: float = 3600.0) -> None:
+        self.root = Path(root or tempfile.mkdtemp(prefix="attnedit-app-"))
+        self.keep_s = keep_s
+
+    def _prune(self) -> None:
+        now = time.time()
+        for path in self.root.iterdir():
+            if path.is_file() and now - path.stat().st_mtime > self.keep_s:
+                path.unlink(missing_ok=True)
+
+    def png(self, image: Image.Image, stem: str = "attnedit") -> str:
+        self._prune()
+        path = self.root / f"{stem}-{uuid.uuid4().hex[:8]}.png"
+        image.save(path, format="PNG")
+        return str(path)
+
+    def json(self, data: Any, stem: str = "attnedit-job") -> str:
+        path = self.root / f"{stem}-{uuid.uuid4().hex[:8]}.json"
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return str(path)
+
+
+def _timing(seconds: float, settings: Settings, extra: str = "") -> str:
+    return (f"{settings.steps} steps, {settings.height}x{settings.width}, seed {settings.seed}: "
+            f"**{seconds:.2f} s**{extra}")
+
+
+# ------------------------------------------------------------------------------ attention maps
+@dataclass
+class MapsSession:
+    """What the Attention maps tab keeps between its events (per browser session)."""
+
+    store: attnedit.AttentionStore
+    image: Image.Image
+    steps: int
+    self_grid: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _self_layers(latent_hw: tuple[int, int]) -> Callable[[Any], bool]:
+    """Cross layers, plus UNet self layers small enough to keep whole (<= MAX_SELF_TOKENS tokens)."""
+
+    def pick(info: Any) -> bool:
+        if info.kind in ("cross", "joint"):
+            return True
+        if info.kind != "self" or info.block not in ("down", "mid", "up"):
+            return False
+        h, w = info.grid(latent_hw)
+        return h * w <= MAX_SELF_TOKENS
+
+    return pick
+
+
+def _self_grid(store: attnedit.AttentionStore) -> tuple[int, int] | None:
+    for grid in store.grids():  # largest first
+        try:
+            store.self_map(0, 0, grid=grid)
+        except ValueError:
+            continue
+        return grid
+    return None
+
+
+def _mark(image: Image.Image, x: int, y: int) -> Image.Image:
+    out = image.copy()
+    r = max(2, image.width // 40)
+    ImageDraw.Draw(out).ellipse((x - r, y - r, x + r, y + r), outline="red", width=max(1, r // 2))
+    return out
+
+
+# ----------------------------------------------------------------------------------- the app
+class AttnEditApp:
+    """The handlers of every tab; `build()` lays them out as a gr.Blocks page."""
+
+    def __init__(self, pool: ModelPool, outputs: Outputs | None = None) -> None:
+        self.pool = pool
+        self.outputs = outputs or Outputs()
+        self.controls = available_controls()
+
+    # --- Generate ---------------------------------------------------------------------------
+    def speedups(self) -> list[str]:
+        return [n for n in SPEEDUPS if n in self.controls]
+
+    def generate(self, model: str, prompt: str, negative_prompt: str, seed: float, steps: float, guidance: float,
+                 height: float, width: float, todo: bool = False, todo_factor: float = 2, agent: bool = False,
+                 clear: bool = False, progress: gr.Progress = PROGRESS):
+        """Prompt -> image, PNG and job JSON downloads, and how long the run took."""
+        prompt = _prompt(prompt)
+        settings = Settings.parse(seed, steps, guidance, height, width, negative_prompt)
+        controls = self._speed_controls(todo=todo, todo_factor=todo_factor, agent=agent, clear=clear)
+        with self.pool.use(model) as pipe:
+            start = time.perf_counter()
+            result = pipe.generate(prompt, controls=[*controls, _progress(progress, "generating")],
+                                   **settings.kwargs())
+            seconds = time.perf_counter() - start
+        names = ", ".join(c.name for c in controls)
+        info = _timing(seconds, settings, f" with {names}" if names else "")
+        job = job_of(result.params, controls)
+        return result.image, info, self.outputs.png(result.image), self.outputs.json(job)
+
+    def _speed_controls(self, *, todo: bool, todo_factor: float, agent: bool, clear: bool) -> list[attnedit.Control]:
+        wanted = {"todo": bool(todo), "agent": bool(agent), "clear": bool(clear)}
+        controls = []
+        for name, on in wanted.items():
+            if not on:
+                continue
+            if name not in self.controls:
+                raise ValueError(f"the speed-up {name!r} is not available in this attnedit build; "
+                                 f"available: {', '.join(self.speedups()) or 'none'}")
+            options = {"factor": _int(todo_factor, "ToDo factor", 1, 8)} if name == "todo" else {}
+            controls.append(attnedit.make_control(name, options))
+        return controls
+
+    # --- Attention maps -----------------------------------------------------------------------
+    def maps(self, model: str, prompt: str, words: str, seed: float, steps: float, guidance: float,
+             height: float, width: float, progress: gr.Progress = PROGRESS):
+        """Prompt -> image, one heatmap per word, a step slider and the pixel picker's maps."""
+        prompt = _prompt(prompt)
+        settings = Settings.parse(seed, steps, guidance, height, width)
+        chosen = [w.strip() for w in (words or "").split(",") if w.strip()] or None
+        with self.pool.use(model) as pipe:
+            stride = pipe.vae_scale_factor
+            latent = (settings.height // stride, settings.width // stride)
+            store = attnedit.AttentionStore(words=chosen, per_step=True, self_attention=True,
+                                            layers=_self_layers(latent))
+            start = time.perf_counter()
+            result = pipe.generate(prompt, controls=[store, _progress(progress, "recording maps")],
+                                   **settings.kwargs())
+            seconds = time.perf_counter() - start
+        session = MapsSession(store=store, image=result.image, steps=settings.steps, self_grid=_self_grid(store))
+        grid = map_grid(store.word_maps(0), result.image)
+        note = "" if session.self_grid else " (no self-attention layer small enough for the pixel picker)"
+        info = _timing(seconds, settings, note) + " — click the image for the self-attention of a pixel."
+        slider = gr.Slider(minimum=0, maximum=settings.steps - 1, value=settings.steps - 1, step=1,
+                           interactive=settings.steps > 1)
+        return (result.image, grid, slider, info, session, self.outputs.png(result.image),
+                self.outputs.json(job_of(result.params, [])))
+
+    def maps_step(self, step: float, session: MapsSession | None):
+        """Word maps of one denoising step of the last run."""
+        if session is None:
+            raise ValueError("run the Attention maps tab first, then move the step slider")
+        step = _int(step, "step", 0, session.steps - 1)
+        return map_grid(session.store.step_word_maps(step), session.image)
+
+    def self_attention(self, x: float, y: float, session: MapsSession | None):
+        """Self-attention of the image pixel (x, y) of the last run, as a heatmap over the image."""
+        if session is None:
+            raise ValueError("run the Attention maps tab first, then click a pixel of its image")
+        if session.self_grid is None:
+            raise ValueError("this run kept no self-attention map (grids above "
+                             f"{MAX_SELF_TOKENS} tokens are not kept); try a smaller size")
+        w, h = session.image.size
+        px, py = _int(x, "x", 0, w - 1), _int(y, "y", 0, h - 1)
+        gh, gw = session.self_grid
+        m = session.store.self_map(py * gh // h, px * gw // w, grid=session.self_grid)
+        over = heatmap(m, session.image)
+        return _mark(over, px, py)
+
+    def pick_pixel(self, session: MapsSession | None, evt: gr.SelectData):
+        x, y = (int(v) for v in evt.index[:2])
+        return x, y, self.self_attention(x, y, session)
+
+    # --- page ---------------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        pool = self.pool
+        probe = pool.get(pool.default)
+        dh, dw = probe.default_size()
+        stride = probe.pixel_stride
+        run = dict(concurrency_id=RUNS, concurrency_limit=len(pool.names))
+
+        def settings_row(steps: int = 4) -> list[gr.components.Component]:
+            with gr.Row():
+                seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+                n_steps = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps")
+                guidance = gr.Slider(0.0, 20.0, value=probe.family.default_guidance, step=0.5, label="Guidance")
+                height = gr.Number(value=dh, precision=0, label=f"Height (multiple of {stride})", step=stride)
+                width = gr.Number(value=dw, precision=0, label=f"Width (multiple of {stride})", step=stride)
+            return [seed, n_steps, guidance, height, width]
+
+        with gr.Blocks(title="attnedit", analytics_enabled=False) as demo:
+            gr.Markdown("## attnedit — attention control for diffusers pipelines")
+            model = gr.Dropdown(choices=pool.names, value=pool.default, label="Model", elem_id="model")
+
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column():
+                        prompt = gr.Textbox(label="Prompt", value="a red circle and a blue square", elem_id="prompt")
+                        negative = gr.Textbox(label="Negative prompt", value="")
+                        common = settings_row()
+                        # every toggle is always an input (a stable API); hidden when its control is absent
+                        with gr.Row(visible=bool(self.speedups())):
+                            has = self.controls.__contains__
+                            speed = [
+                                gr.Checkbox(label="ToDo (token downsampling)", value=False, visible=has("todo")),
+                                gr.Slider(1, 4, value=2, step=1, label="ToDo factor", visible=has("todo")),
+                                gr.Checkbox(label="Agent attention", value=False, visible=has("agent")),
+                                gr.Checkbox(label="CLEAR (local attention)", value=False, visible=has("clear")),
+                            ]
+                        go = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                    with gr.Column():
+                        image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=320,
+                                         buttons=["download"], elem_id="generate-image")
+                        info = gr.Markdown(label="Run info", elem_id="generate-info")
+                        with gr.Row():
+                            png = gr.DownloadButton("Download PNG")
+                            job = gr.DownloadButton("Download parameters (JSON)")
+                go.click(readable(self.generate), [model, prompt, negative, *common, *speed],
+                         [image, info, png, job], api_name="generate", **run)
+
+            with gr.Tab("Attention maps", id="maps"):
+                session = gr.State(None)
+                with gr.Row():
+                    with gr.Column():
+                        m_prompt = gr.Textbox(label="Prompt", value="a red circle and a blue square")
+                        m_words = gr.Textbox(label="Words (comma-separated; empty = every word)", value="")
+                        m_common = settings_row()
+                        m_go = gr.Button("Record attention", variant="primary")
+                        m_info = gr.Markdown(label="Run info")
+                    with gr.Column():
+                        m_image = gr.Image(label="Image (click a pixel)", type="pil", format="png",
+                                           interactive=False)
+                        with gr.Row():
+                            m_png = gr.DownloadButton("Download PNG")
+                            m_job = gr.DownloadButton("Download parameters (JSON)")
+                m_grid = gr.Image(label="Per-word attention", type="pil", format="png", interactive=False)
+                m_step = gr.Slider(0, 3, value=3, step=1, label="Step (0 = first denoising step)", interactive=False)
+                with gr.Row():
+                    m_x = gr.Number(value=0, precision=0, label="Pixel x")
+                    m_y = gr.Number(value=0, precision=0, label="Pixel y")
+                    m_pix = gr.Button("Self-attention of this pixel")
+                m_self = gr.Image(label="Self-attention of the picked pixel", type="pil", format="png",
+                                  interactive=False)
+                m_go.click(readable(self.maps), [model, m_prompt, m_words, *m_common],
+                           [m_image, m_grid, m_step, m_info, session, m_png, m_job], api_name="maps", **run)
+                m_step.release(readable(self.maps_step), [m_step, session], m_grid, api_name="maps_step")
+                m_pix.click(readable(self.self_attention), [m_x, m_y, session], m_self, api_name="self_attention")
+                m_image.select(readable(self.pick_pixel), [session], [m_x, m_y, m_self], api_visibility="private")
+
+        demo.queue(max_size=64, default_concurrency_limit=len(pool.names))
+        return demo
+
+
+def build_app(models: list[str] | None = None, default: str | None = None, **load_kw: Any) -> gr.Blocks:
+    """The page for `models` (default: the bundled default model)."""
+    default = default or (models[0] if models else DEFAULT_MODEL)
+    pool = ModelPool(models or [default], default, **load_kw)
+    return AttnEditApp(pool).build()
+
+
+THEME = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, *, block: bool = True) -> str:
+    """Serve `demo` (local fonts only, upload cap, errors shown); returns its URL."""
+    demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, show_error=True, quiet=True,
+                prevent_thread_lock=not block, ssr_mode=False, footer_links=["api"],
+                theme=gr.themes.Default(**THEME))
+    return demo.local_url
+
+
+__all__ = ["AttnEditApp", "ModelPool", "Outputs", "Settings", "build_app", "job_of", "launch"]

@@ -1,0 +1,69 @@
+"""`attnedit app`: serve the Gradio app (needs the `app` extra: `pip install attnedit[app]`).
+
+    attnedit app                                   # default model on http://127.0.0.1:7860
+    attnedit app --models tiny-sd,shapes-sd --port 8000
+
+gradio is imported only when the command runs, so the rest of the CLI works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from types import ModuleType
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from .pipeline import DEFAULT_MODEL
+
+    p = subparsers.add_parser("app", help="serve the interactive Gradio app")
+    p.add_argument("--model", default=None, help=f"model selected when the page opens (default {DEFAULT_MODEL})")
+    p.add_argument("--models", default=None,
+                   help="comma-separated models the page may choose from (default: just --model); "
+                        "the page never loads anything else")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    p.set_defaults(func=_app)
+
+
+def models_of(model: str | None, models: str | None) -> tuple[list[str], str]:
+    """The allowed model list and the default one, from `--model` and `--models`."""
+    from .pipeline import DEFAULT_MODEL
+
+    names = [m.strip() for m in (models or "").split(",") if m.strip()]
+    default = model or (names[0] if names else DEFAULT_MODEL)
+    if default not in names:
+        names.insert(0, default)
+    return names, default
+
+
+def load_app_module() -> ModuleType:
+    """`apps/app.py` of this checkout (it sits beside the package, not inside it)."""
+    from .pipeline import REPO_ROOT
+
+    path = REPO_ROOT / "apps" / "app.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"the app is not part of this installation (no {path}); run from a source checkout")
+    spec = importlib.util.spec_from_file_location("attnedit_app", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _app(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ModuleNotFoundError:
+        print("attnedit app: gradio is not installed; install the app extra: pip install 'attnedit[app]'",
+              file=sys.stderr)
+        return 2
+    app = load_app_module()
+    names, default = models_of(args.model, args.models)
+    demo = app.build_app(names, default, device=args.device, dtype=args.dtype)
+    print(f"attnedit app: serving {', '.join(names)} on http://{args.host}:{args.port}")
+    app.launch(demo, args.host, args.port, block=True)
+    return 0
