@@ -185,9 +185,8 @@ def control_spec(control: attnedit.Control) -> dict[str, Any]:
 
 
 def job_of(params: dict[str, Any], controls: list[attnedit.Control]) -> dict[str, Any]:
-    """One batch job line (`attnedit batch`) reproducing a result."""
+    """One job line of `attnedit batch` reproducing a result (the model goes in the defaults line)."""
     job: dict[str, Any] = {
-        "model": params["model"],
         "prompt": params["prompt"],
         "seeds": list(params["seeds"]),
         "steps": params["steps"],
@@ -199,6 +198,12 @@ def job_of(params: dict[str, Any], controls: list[attnedit.Control]) -> dict[str
     if params.get("negative_prompt"):
         job["negative_prompt"] = params["negative_prompt"]
     return job
+
+
+def jobs_file(model: str, jobs: list[dict[str, Any]]) -> str:
+    """The JSONL text `attnedit batch FILE` takes: a defaults line naming the model, then the jobs."""
+    lines = [{"defaults": {"model": model}}, *jobs]
+    return "".join(json.dumps(line) + "\n" for line in lines)
 
 
 class Outputs:
@@ -220,9 +225,10 @@ class Outputs:
         image.save(path, format="PNG")
         return str(path)
 
-    def json(self, data: Any, stem: str = "attnedit-job") -> str:
-        path = self.root / f"{stem}-{uuid.uuid4().hex[:8]}.json"
-        path.write_text(json.dumps(data, indent=2) + "\n")
+    def jobs(self, model: str, jobs: list[dict[str, Any]], stem: str = "attnedit-job") -> str:
+        """A batch job file (JSONL) for the downloads."""
+        path = self.root / f"{stem}-{uuid.uuid4().hex[:8]}.jsonl"
+        path.write_text(jobs_file(model, jobs))
         return str(path)
 
 
@@ -278,14 +284,20 @@ def _mark(image: Image.Image, x: int, y: int) -> Image.Image:
 class AttnEditApp:
     """The handlers of every tab; `build()` lays them out as a gr.Blocks page."""
 
-    def __init__(self, pool: ModelPool, outputs: Outputs | None = None) -> None:
+    def __init__(self, pool: ModelPool, outputs: Outputs | None = None, concurrency: int | None = None) -> None:
         self.pool = pool
+        # gradio workers for runs; the per-model locks keep one run per pipeline whatever this is
+        self.concurrency = concurrency or len(pool.names)
         self.outputs = outputs or Outputs()
         self.controls = available_controls()
 
     # --- Generate ---------------------------------------------------------------------------
     def speedups(self) -> list[str]:
-        return [n for n in SPEEDUPS if n in self.controls]
+        return [n for n in SPEEDUPS if n in self.controls and (n != "clear" or self.has_clear_adapter())]
+
+    def has_clear_adapter(self, model: str | None = None) -> bool:
+        """CLEAR needs the model's trained adapter (`attnedit.load(..., clear=path)` attaches it)."""
+        return hasattr(self.pool.get(model or self.pool.default).denoiser, "attnedit_clear")
 
     def generate(self, model: str, prompt: str, negative_prompt: str, seed: float, steps: float, guidance: float,
                  height: float, width: float, todo: bool = False, todo_factor: float = 2, agent: bool = False,
@@ -302,7 +314,7 @@ class AttnEditApp:
         names = ", ".join(c.name for c in controls)
         info = _timing(seconds, settings, f" with {names}" if names else "")
         job = job_of(result.params, controls)
-        return result.image, info, self.outputs.png(result.image), self.outputs.json(job)
+        return result.image, info, self.outputs.png(result.image), self.outputs.jobs(model, [job])
 
     def _speed_controls(self, *, todo: bool, todo_factor: float, agent: bool, clear: bool) -> list[attnedit.Control]:
         wanted = {"todo": bool(todo), "agent": bool(agent), "clear": bool(clear)}
@@ -310,7 +322,7 @@ class AttnEditApp:
         for name, on in wanted.items():
             if not on:
                 continue
-            if name not in self.controls:
+            if name not in self.speedups():
                 raise ValueError(f"the speed-up {name!r} is not available in this attnedit build; "
                                  f"available: {', '.join(self.speedups()) or 'none'}")
             options = {"factor": _int(todo_factor, "ToDo factor", 1, 8)} if name == "todo" else {}
@@ -340,7 +352,7 @@ class AttnEditApp:
         slider = gr.Slider(minimum=0, maximum=settings.steps - 1, value=settings.steps - 1, step=1,
                            interactive=settings.steps > 1)
         return (result.image, grid, slider, info, session, self.outputs.png(result.image),
-                self.outputs.json(job_of(result.params, [])))
+                self.outputs.jobs(model, [job_of(result.params, [])]))
 
     def maps_step(self, step: float, session: MapsSession | None):
         """Word maps of one denoising step of the last run."""
@@ -373,12 +385,12 @@ class AttnEditApp:
         probe = pool.get(pool.default)
         dh, dw = probe.default_size()
         stride = probe.pixel_stride
-        run = dict(concurrency_id=RUNS, concurrency_limit=len(pool.names))
+        run = dict(concurrency_id=RUNS, concurrency_limit=self.concurrency)
 
-        def settings_row(steps: int = 4) -> list[gr.components.Component]:
+        def settings_row(tab: str, steps: int = 4) -> list[gr.components.Component]:
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
-                n_steps = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps")
+                n_steps = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps", elem_id=f"{tab}-steps")
                 guidance = gr.Slider(0.0, 20.0, value=probe.family.default_guidance, step=0.5, label="Guidance")
                 height = gr.Number(value=dh, precision=0, label=f"Height (multiple of {stride})", step=stride)
                 width = gr.Number(value=dw, precision=0, label=f"Width (multiple of {stride})", step=stride)
@@ -393,7 +405,7 @@ class AttnEditApp:
                     with gr.Column():
                         prompt = gr.Textbox(label="Prompt", value="a red circle and a blue square", elem_id="prompt")
                         negative = gr.Textbox(label="Negative prompt", value="")
-                        common = settings_row()
+                        common = settings_row("generate")
                         # every toggle is always an input (a stable API); hidden when its control is absent
                         with gr.Row(visible=bool(self.speedups())):
                             has = self.controls.__contains__
@@ -401,16 +413,17 @@ class AttnEditApp:
                                 gr.Checkbox(label="ToDo (token downsampling)", value=False, visible=has("todo")),
                                 gr.Slider(1, 4, value=2, step=1, label="ToDo factor", visible=has("todo")),
                                 gr.Checkbox(label="Agent attention", value=False, visible=has("agent")),
-                                gr.Checkbox(label="CLEAR (local attention)", value=False, visible=has("clear")),
+                                gr.Checkbox(label="CLEAR (local attention)", value=False,
+                                            visible="clear" in self.speedups()),
                             ]
                         go = gr.Button("Generate", variant="primary", elem_id="generate-button")
                     with gr.Column():
                         image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=320,
-                                         buttons=["download"], elem_id="generate-image")
+                                         buttons=["download"], elem_id="generate-image", elem_classes="attnedit-image")
                         info = gr.Markdown(label="Run info", elem_id="generate-info")
                         with gr.Row():
                             png = gr.DownloadButton("Download PNG")
-                            job = gr.DownloadButton("Download parameters (JSON)")
+                            job = gr.DownloadButton("Download parameters (batch JSONL)")
                 go.click(readable(self.generate), [model, prompt, negative, *common, *speed],
                          [image, info, png, job], api_name="generate", **run)
 
@@ -420,7 +433,7 @@ class AttnEditApp:
                     with gr.Column():
                         m_prompt = gr.Textbox(label="Prompt", value="a red circle and a blue square")
                         m_words = gr.Textbox(label="Words (comma-separated; empty = every word)", value="")
-                        m_common = settings_row()
+                        m_common = settings_row("maps")
                         m_go = gr.Button("Record attention", variant="primary")
                         m_info = gr.Markdown(label="Run info")
                     with gr.Column():
@@ -428,7 +441,7 @@ class AttnEditApp:
                                            interactive=False)
                         with gr.Row():
                             m_png = gr.DownloadButton("Download PNG")
-                            m_job = gr.DownloadButton("Download parameters (JSON)")
+                            m_job = gr.DownloadButton("Download parameters (batch JSONL)")
                 m_grid = gr.Image(label="Per-word attention", type="pil", format="png", interactive=False)
                 m_step = gr.Slider(0, 3, value=3, step=1, label="Step (0 = first denoising step)", interactive=False)
                 with gr.Row():
@@ -443,7 +456,7 @@ class AttnEditApp:
                 m_pix.click(readable(self.self_attention), [m_x, m_y, session], m_self, api_name="self_attention")
                 m_image.select(readable(self.pick_pixel), [session], [m_x, m_y, m_self], api_visibility="private")
 
-        demo.queue(max_size=64, default_concurrency_limit=len(pool.names))
+        demo.queue(max_size=64, default_concurrency_limit=self.concurrency)
         return demo
 
 
@@ -454,13 +467,14 @@ def build_app(models: list[str] | None = None, default: str | None = None, **loa
     return AttnEditApp(pool).build()
 
 
+CSS = ".attnedit-image img {min-width: 256px; min-height: 256px; object-fit: contain; image-rendering: pixelated;}"
 THEME = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, *, block: bool = True) -> str:
     """Serve `demo` (local fonts only, upload cap, errors shown); returns its URL."""
     demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, show_error=True, quiet=True,
-                prevent_thread_lock=not block, ssr_mode=False, footer_links=["api"],
+                prevent_thread_lock=not block, ssr_mode=False, footer_links=["api"], css=CSS,
                 theme=gr.themes.Default(**THEME))
     return demo.local_url
 

@@ -1,0 +1,148 @@
+"""The Gradio app through gradio_client, against an app served on 127.0.0.1 by this test module.
+
+Every tab is called with good input and with one bad input whose readable reason must come back;
+several clients at once must get exactly the images they get one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+if os.environ.get("CI") != "true":  # in CI the app extra is installed: a missing gradio must fail there
+    pytest.importorskip("gradio")
+    pytest.importorskip("gradio_client")
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from apps.app import AttnEditApp, ModelPool, launch
+
+MODEL = "tiny-sd"
+STEPS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    pool = ModelPool([MODEL])
+    app = AttnEditApp(pool, concurrency=4)  # gradio may run 4 requests at once: the model lock must hold
+    demo = app.build()
+    url = launch(demo, "127.0.0.1", free_port(), block=False)
+    yield app, url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served[1], verbose=False)
+
+
+def pixels(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def gen(client: Client, prompt: str = "a red circle and a blue square", seed: int = 0, size: int = 64,
+        todo: bool = False, **kw):
+    return client.predict(MODEL, prompt, "", seed, STEPS, 7.5, size, size, todo, 2, False, False,
+                          api_name="/generate", **kw)
+
+
+def test_generate_returns_image_png_and_a_job_the_batch_cli_reproduces(served, client, tmp_path):
+    app, _ = served
+    image, info, png, jobs = gen(client, seed=3)
+    assert pixels(image).shape == (64, 64, 3)
+    assert np.array_equal(pixels(image), pixels(png))
+    assert Image.open(png).format == "PNG"
+    assert "2 steps" in info and " s**" in info
+    lines = [json.loads(line) for line in Path(jobs).read_text().splitlines()]
+    assert lines[0] == {"defaults": {"model": MODEL}}
+    assert lines[1]["seeds"] == [3] and lines[1]["steps"] == STEPS and lines[1]["controls"] == []
+
+    from attnedit.batch import plan, run_batch
+
+    with app.pool.use(MODEL) as pipe:
+        checked = plan(jobs, pipe)
+        assert not checked.problems and len(checked.units) == 1
+        run_batch(jobs, tmp_path / "batch", pipe=pipe, model=MODEL, progress=False)
+    made = [p for p in (tmp_path / "batch").glob("*.png")]
+    assert len(made) == 1
+    assert np.array_equal(pixels(str(made[0])), pixels(png))
+
+
+def test_generate_bad_size_and_foreign_model_are_refused_with_the_reason(client):
+    with pytest.raises(AppError, match="multiple of 8"):
+        gen(client, size=60)
+    with pytest.raises(AppError, match="empty"):
+        gen(client, prompt="   ")
+    with pytest.raises(AppError):
+        client.predict("/etc/passwd", "a cat", "", 0, STEPS, 7.5, 64, 64, False, 2, False, False,
+                       api_name="/generate")
+
+
+def test_generate_speedup_toggle_changes_the_job(served, client):
+    app, _ = served
+    if "todo" not in app.controls:
+        with pytest.raises(AppError, match="not available"):
+            gen(client, todo=True)
+        return
+    _, info, _, jobs = gen(client, todo=True)
+    assert "todo" in info
+    job = json.loads(Path(jobs).read_text().splitlines()[1])
+    assert job["controls"][0]["name"] == "todo" and job["controls"][0]["factor"] == 2
+
+
+def test_attention_maps_tab_step_slider_and_pixel_self_attention(client):
+    image, grid, slider, info, _png, _jobs = client.predict(
+        MODEL, "a red circle and a blue square", "red, square", 0, 3, 7.5, 64, 64, api_name="/maps")
+    assert pixels(image).shape == (64, 64, 3)
+    # image tile + one tile per chosen word, 192 px each, labels above
+    assert Image.open(grid).size == (3 * 192, 192 + 18)
+    assert slider["maximum"] == 2 and "3 steps" in info
+    step0 = client.predict(0, api_name="/maps_step")
+    step2 = client.predict(2, api_name="/maps_step")
+    assert Image.open(step0).size == Image.open(grid).size
+    assert not np.array_equal(pixels(step0), pixels(step2))
+    a = client.predict(5, 5, api_name="/self_attention")
+    b = client.predict(60, 60, api_name="/self_attention")
+    assert pixels(a).shape == (64, 64, 3)
+    assert not np.array_equal(pixels(a), pixels(b))
+
+
+def test_attention_maps_unknown_word_and_out_of_range_pixel_are_refused(client):
+    with pytest.raises(AppError, match="word 'zebra' is not in the prompt; its words are: a, red, circle"):
+        client.predict(MODEL, "a red circle", "zebra", 0, STEPS, 7.5, 64, 64, api_name="/maps")
+    client.predict(MODEL, "a red circle", "", 0, STEPS, 7.5, 64, 64, api_name="/maps")
+    with pytest.raises(AppError, match="x must be a whole number from 0 to 63"):
+        client.predict(64, 0, api_name="/self_attention")
+
+
+def test_attention_maps_events_need_a_run_first(served):
+    fresh = Client(served[1], verbose=False)  # a new session has no recorded maps
+    with pytest.raises(AppError, match="run the Attention maps tab first"):
+        fresh.predict(0, api_name="/maps_step")
+
+
+def test_concurrent_clients_get_the_images_they_get_alone(served, client):
+    app, url = served
+    requests = [("a red circle", 1, False), ("a blue square", 2, "todo" in app.controls),
+                ("a green triangle", 3, False), ("a red circle", 1, "todo" in app.controls)]
+    alone = [pixels(gen(client, p, s, todo=t)[0]) for p, s, t in requests]
+    clients = [Client(url, verbose=False) for _ in requests]
+    with ThreadPoolExecutor(len(requests)) as ex:
+        futures = [ex.submit(gen, c, p, s, 64, t) for c, (p, s, t) in zip(clients, requests)]
+        together = [pixels(f.result()[0]) for f in futures]
+    for a, b in zip(alone, together):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(alone[0], alone[1])
