@@ -225,6 +225,12 @@ class Outputs:
         image.save(path, format="PNG")
         return str(path)
 
+    def json(self, data: Any, stem: str = "attnedit-params") -> str:
+        """Parameters of a result the batch CLI cannot replay (real-image edits, IR-Diffusion scenes)."""
+        path = self.root / f"{stem}-{uuid.uuid4().hex[:8]}.json"
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        return str(path)
+
     def jobs(self, model: str, jobs: list[dict[str, Any]], stem: str = "attnedit-job") -> str:
         """A batch job file (JSONL) for the downloads."""
         path = self.root / f"{stem}-{uuid.uuid4().hex[:8]}.jsonl"
@@ -278,6 +284,67 @@ def _mark(image: Image.Image, x: int, y: int) -> Image.Image:
     r = max(2, image.width // 40)
     ImageDraw.Draw(out).ellipse((x - r, y - r, x + r, y + r), outline="red", width=max(1, r // 2))
     return out
+
+
+def parse_boxes(text: str | None) -> list[list[float]] | None:
+    """`x0,y0,x1,y1; x0,y0,x1,y1` (fractions of the image, origin top-left) -> boxes, or None."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    boxes = []
+    for i, part in enumerate(p for p in text.replace("\n", ";").split(";") if p.strip()):
+        try:
+            box = [float(v) for v in part.replace(" ", ",").split(",") if v.strip()]
+        except ValueError:
+            box = []
+        if len(box) != 4:
+            raise ValueError(f"box {i} {part.strip()!r} is not 4 numbers x0,y0,x1,y1 (fractions 0..1 of the image); "
+                             "separate boxes with ';'")
+        boxes.append(box)
+    return boxes
+
+
+def draw_boxes(image: Image.Image, boxes: list[list[float]] | None, labels: list[str] | None = None) -> Image.Image:
+    """The image with each normalised box outlined (and labelled), for showing where subjects go."""
+    out = image.convert("RGB").copy()
+    if not boxes:
+        return out
+    draw = ImageDraw.Draw(out)
+    colours = ["red", "cyan", "yellow", "lime", "magenta", "orange"]
+    w, h = out.size
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        c = colours[i % len(colours)]
+        draw.rectangle((x0 * w, y0 * h, x1 * w - 1, y1 * h - 1), outline=c, width=max(1, w // 64))
+        if labels and i < len(labels):
+            draw.text((x0 * w + 2, y0 * h + 1), labels[i], fill=c)
+    return out
+
+
+def _words(text: str | None) -> list[str]:
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
+def _lines(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").splitlines() if t.strip()]
+
+
+def fit_upload(image: Image.Image | None, size: tuple[int, int], stride: int) -> tuple[Image.Image, list[str]]:
+    """An uploaded image at most the model's size (larger ones resized, said in the notes)."""
+    if image is None:
+        raise ValueError("upload an image first")
+    notes = []
+    h, w = size
+    if image.width > w or image.height > h:
+        scale = min(w / image.width, h / image.height)
+        nw = max(stride, int(image.width * scale) // stride * stride)
+        nh = max(stride, int(image.height * scale) // stride * stride)
+        notes.append(f"the image ({image.width}x{image.height}) is larger than the model's {w}x{h}: "
+                     f"resized to {nw}x{nh}")
+        image = image.convert("RGB").resize((nw, nh), Image.Resampling.LANCZOS)
+    return image.convert("RGB"), notes
+
+
+MULTI_SUBJECT = {"astar": "A-STAR", "attend_excite": "Attend-and-Excite", "bounded": "Bounded Attention"}
 
 
 # ----------------------------------------------------------------------------------- the app
@@ -379,6 +446,124 @@ class AttnEditApp:
         x, y = (int(v) for v in evt.index[:2])
         return x, y, self.self_attention(x, y, session)
 
+    # --- Multi-subject ------------------------------------------------------------------------
+    def multi_methods(self) -> list[str]:
+        return [n for n in MULTI_SUBJECT if n in self.controls]
+
+    def multi_subject(self, model: str, prompt: str, method: str, words: str, boxes: str, seed: float,
+                      steps: float, guidance: float, height: float, width: float,
+                      progress: gr.Progress = PROGRESS):
+        """The plain image and the controlled one (same seed), boxes drawn, and each word's map."""
+        prompt = _prompt(prompt)
+        settings = Settings.parse(seed, steps, guidance, height, width)
+        if method not in self.multi_methods():
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(self.multi_methods())}")
+        subjects = _words(words)
+        if not subjects:
+            raise ValueError("name the subject words of the prompt, comma-separated (e.g. circle, square)")
+        parsed = parse_boxes(boxes)
+        options: dict[str, Any] = {"words": subjects}
+        if method == "bounded":
+            if parsed is None:
+                raise ValueError("Bounded Attention needs one box per subject word: x0,y0,x1,y1; x0,y0,x1,y1")
+            if len(parsed) != len(subjects):
+                raise ValueError(f"{len(parsed)} boxes for {len(subjects)} subject words; give one box per word")
+            options["boxes"] = parsed
+        control = attnedit.make_control(method, options)
+        store = attnedit.AttentionStore(words=subjects)
+        with self.pool.use(model) as pipe:
+            start = time.perf_counter()
+            plain = pipe.generate(prompt, controls=[_progress(progress, "plain image")], **settings.kwargs())
+            result = pipe.generate(prompt, controls=[control, store, _progress(progress, MULTI_SUBJECT[method])],
+                                   **settings.kwargs())
+            seconds = time.perf_counter() - start
+        shown = draw_boxes(result.image, options.get("boxes"), subjects) if method == "bounded" else result.image
+        grid = map_grid(store.word_maps(0), result.image)
+        info = _timing(seconds, settings, f" (plain + {MULTI_SUBJECT[method]})")
+        return (plain.image, shown, grid, info, self.outputs.png(result.image),
+                self.outputs.jobs(model, [job_of(result.params, [control])]))
+
+    # --- Consistent & edit ----------------------------------------------------------------------
+    def consistent(self, model: str, source: str, targets: str, mask_word: str, seed: float, steps: float,
+                   guidance: float, height: float, width: float, progress: gr.Progress = PROGRESS):
+        """MasaCtrl: a source and several targets from one noise; targets keep the source's look."""
+        from attnedit.methods.masactrl import consistent
+
+        source = _prompt(source, "source prompt")
+        prompts = _lines(targets)
+        if not prompts:
+            raise ValueError("give at least one target prompt (one per line)")
+        settings = Settings.parse(seed, steps, guidance, height, width)
+        word = (mask_word or "").strip()
+        options = {"mask_words": word} if word else {}
+        control = attnedit.make_control("masactrl", options)
+        with self.pool.use(model) as pipe:
+            start = time.perf_counter()
+            kw = settings.kwargs()
+            seed_ = kw.pop("seed")
+            kw.pop("negative_prompt")
+            result = consistent(pipe, source, prompts, control=control, seed=seed_,
+                                controls=[_progress(progress, "MasaCtrl")], **kw)
+            seconds = time.perf_counter() - start
+        captions = ["source: " + source] + ["target: " + t for t in prompts]
+        job = {"prompts": [source, *prompts], "together": True, "seeds": [settings.seed], "steps": settings.steps,
+               "guidance": settings.guidance, "height": settings.height, "width": settings.width,
+               "controls": [control_spec(control)]}
+        pngs = [self.outputs.png(im, f"masactrl-{i}") for i, im in enumerate(result.images)]
+        return (list(zip(result.images, captions)), _timing(seconds, settings, f" ({len(result.images)} images)"),
+                pngs, self.outputs.jobs(model, [job]))
+
+    def edit(self, model: str, image: Image.Image | None, source: str, target: str, steps: float, guidance: float,
+             progress: gr.Progress = PROGRESS):
+        """Real-image edit: invert the upload, then denoise source and target with MasaCtrl."""
+        source = (source or "").strip()
+        target = _prompt(target, "target prompt")
+        n_steps = _int(steps, "steps", 1, MAX_STEPS)
+        settings = Settings.parse(0, n_steps, guidance, 8, 8)
+        with self.pool.use(model) as pipe:
+            fitted, notes = fit_upload(image, pipe.default_size(), pipe.pixel_stride)
+            progress(0.0, desc="inverting the image")
+            start = time.perf_counter()
+            result = pipe.edit(fitted, source, target, steps=n_steps, guidance=settings.guidance,
+                               controls=[_progress(progress, "editing")])
+            seconds = time.perf_counter() - start
+        notes += list(result.records.get("inversion", {}).get("notes", []))
+        h, w = result.records.get("inversion", {}).get("size", [fitted.height, fitted.width])
+        info = f"{n_steps} steps, {h}x{w}: **{seconds:.2f} s**" + "".join(f"\n\n_{n}_" for n in notes)
+        params = {**result.params, "inversion": {k: v for k, v in result.records.get("inversion", {}).items()}}
+        gallery = [(result.images[0], "reconstruction"), *((im, "edit") for im in result.images[1:])]
+        return gallery, info, self.outputs.png(result.images[-1], "edit"), self.outputs.json(params, "edit")
+
+    # --- Subjects across images -------------------------------------------------------------------
+    def subjects(self, model: str, references: str, subject_words: str, scene: str, boxes: str, seed: float,
+                 steps: float, guidance: float, height: float, width: float, progress: gr.Progress = PROGRESS):
+        """IR-Diffusion: references and one scene; the scene's subjects keep their references' look."""
+        from attnedit.methods.ir_diffusion import ir_diffusion
+
+        refs = _lines(references)
+        words = _words(subject_words)
+        scene = _prompt(scene, "scene prompt")
+        if not refs:
+            raise ValueError("give one reference prompt per subject (one per line)")
+        settings = Settings.parse(seed, steps, guidance, height, width)
+        target_boxes = parse_boxes(boxes)
+        if target_boxes is not None and len(target_boxes) != len(refs):
+            raise ValueError(f"{len(target_boxes)} scene boxes for {len(refs)} subjects; give one box per subject")
+        with self.pool.use(model) as pipe:
+            progress(0.1, desc="IR-Diffusion: subject maps, references and scene")
+            start = time.perf_counter()
+            result = ir_diffusion(pipe, refs, scene, words, target_boxes=target_boxes, seed=settings.seed,
+                                  steps=settings.steps, guidance=settings.guidance, height=settings.height,
+                                  width=settings.width)
+            seconds = time.perf_counter() - start
+        captions = [f"reference: {r}" for r in refs] + [f"scene: {scene}"]
+        images = list(result.images)
+        if target_boxes:
+            images[-1] = draw_boxes(images[-1], target_boxes, words)
+        params = {**result.params, "subjects": words, "target_boxes": target_boxes}
+        return (list(zip(images, captions)), _timing(seconds, settings, f" ({len(images)} images)"),
+                self.outputs.png(result.images[-1], "scene"), self.outputs.json(params, "ir-diffusion"))
+
     # --- page ---------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
         pool = self.pool
@@ -426,6 +611,100 @@ class AttnEditApp:
                             job = gr.DownloadButton("Download parameters (batch JSONL)")
                 go.click(readable(self.generate), [model, prompt, negative, *common, *speed],
                          [image, info, png, job], api_name="generate", **run)
+
+            if self.multi_methods():
+                with gr.Tab("Multi-subject", id="multi"):
+                    with gr.Row():
+                        with gr.Column():
+                            s_prompt = gr.Textbox(label="Prompt", value="a red circle and a blue square")
+                            s_method = gr.Radio([(MULTI_SUBJECT[n], n) for n in self.multi_methods()],
+                                                value=self.multi_methods()[0], label="Method")
+                            s_words = gr.Textbox(label="Subject words (comma-separated)", value="circle, square")
+                            s_boxes = gr.Textbox(label="Boxes, one per word: x0,y0,x1,y1 as fractions; "
+                                                 "separated by ';' (Bounded Attention)",
+                                                 value="0.05,0.2,0.45,0.8; 0.55,0.2,0.95,0.8")
+                            s_common = settings_row("multi")
+                            s_go = gr.Button("Generate both", variant="primary")
+                            s_info = gr.Markdown(label="Run info")
+                        with gr.Column():
+                            with gr.Row():
+                                s_plain = gr.Image(label="Plain (same seed)", type="pil", format="png",
+                                                   interactive=False, elem_classes="attnedit-image")
+                                s_image = gr.Image(label="With the method", type="pil", format="png",
+                                                   interactive=False, elem_classes="attnedit-image")
+                            s_grid = gr.Image(label="Each subject word's attention", type="pil", format="png",
+                                              interactive=False)
+                            with gr.Row():
+                                s_png = gr.DownloadButton("Download PNG")
+                                s_job = gr.DownloadButton("Download parameters (batch JSONL)")
+                    s_go.click(readable(self.multi_subject), [model, s_prompt, s_method, s_words, s_boxes, *s_common],
+                               [s_plain, s_image, s_grid, s_info, s_png, s_job], api_name="multi_subject", **run)
+
+            if "masactrl" in self.controls:
+                with gr.Tab("Consistent & edit", id="consistent"):
+                    gr.Markdown("**MasaCtrl**: the targets start from the source's noise and read its "
+                                "self-attention keys/values, so they keep its look while their prompts change it.")
+                    with gr.Row():
+                        with gr.Column():
+                            c_source = gr.Textbox(label="Source prompt", value="a red circle")
+                            c_targets = gr.Textbox(label="Target prompts (one per line)", lines=3,
+                                                   value="a red circle on the left\na red circle on the right")
+                            c_mask = gr.Textbox(label="Mask word (optional: foreground from its attention)", value="")
+                            c_common = settings_row("consistent")
+                            c_go = gr.Button("Generate source and targets", variant="primary")
+                            c_info = gr.Markdown(label="Run info")
+                        with gr.Column():
+                            c_gallery = gr.Gallery(label="Source, then targets", format="png", columns=3)
+                            c_files = gr.File(label="PNG files", file_count="multiple")
+                            c_job = gr.DownloadButton("Download parameters (batch JSONL)")
+                    c_go.click(readable(self.consistent), [model, c_source, c_targets, c_mask, *c_common],
+                               [c_gallery, c_info, c_files, c_job], api_name="consistent", **run)
+                    gr.Markdown("**Edit a real image**: it is inverted to noise, then denoised as the source "
+                                "(reconstruction) and as the target with MasaCtrl.")
+                    with gr.Row():
+                        with gr.Column():
+                            e_image = gr.Image(label="Image to edit", type="pil", sources=["upload", "clipboard"],
+                                               image_mode="RGB")
+                            e_source = gr.Textbox(label="What the image shows (source prompt)", value="a red circle")
+                            e_target = gr.Textbox(label="Target prompt", value="a red circle on the left")
+                            with gr.Row():
+                                e_steps = gr.Slider(1, MAX_STEPS, value=4, step=1, label="Steps")
+                                e_guidance = gr.Slider(0.0, 20.0, value=probe.family.default_guidance, step=0.5,
+                                                       label="Guidance")
+                            e_go = gr.Button("Invert and edit", variant="primary")
+                            e_info = gr.Markdown(label="Edit info")
+                        with gr.Column():
+                            e_gallery = gr.Gallery(label="Reconstruction, edit", format="png", columns=2)
+                            with gr.Row():
+                                e_png = gr.DownloadButton("Download PNG")
+                                e_job = gr.DownloadButton("Download parameters (JSON)")
+                    e_go.click(readable(self.edit), [model, e_image, e_source, e_target, e_steps, e_guidance],
+                               [e_gallery, e_info, e_png, e_job], api_name="edit", **run)
+
+            if "reposition" in self.controls:
+                with gr.Tab("Subjects across images", id="subjects"):
+                    gr.Markdown("**IR-Diffusion**: one reference image per subject and a scene with all of them; "
+                                "scene subjects read their reference's features (repositioned to their box) and "
+                                "never each other's.")
+                    with gr.Row():
+                        with gr.Column():
+                            i_refs = gr.Textbox(label="Reference prompts (one per subject, one per line)", lines=2,
+                                                value="a red circle\na blue square")
+                            i_words = gr.Textbox(label="Subject words (one per reference, in the scene too)",
+                                                 value="circle, square")
+                            i_scene = gr.Textbox(label="Scene prompt", value="a red circle and a blue square")
+                            i_boxes = gr.Textbox(label="Scene boxes (optional, one per subject: x0,y0,x1,y1; ...)",
+                                                 value="0.0,0.2,0.5,0.8; 0.5,0.2,1.0,0.8")
+                            i_common = settings_row("subjects")
+                            i_go = gr.Button("Generate references and scene", variant="primary")
+                            i_info = gr.Markdown(label="Run info")
+                        with gr.Column():
+                            i_gallery = gr.Gallery(label="References, then the scene", format="png", columns=3)
+                            with gr.Row():
+                                i_png = gr.DownloadButton("Download scene PNG")
+                                i_job = gr.DownloadButton("Download parameters (JSON)")
+                    i_go.click(readable(self.subjects), [model, i_refs, i_words, i_scene, i_boxes, *i_common],
+                               [i_gallery, i_info, i_png, i_job], api_name="subjects", **run)
 
             with gr.Tab("Attention maps", id="maps"):
                 session = gr.State(None)
