@@ -146,3 +146,92 @@ def test_concurrent_clients_get_the_images_they_get_alone(served, client):
     for a, b in zip(alone, together):
         assert np.array_equal(a, b)
     assert not np.array_equal(alone[0], alone[1])
+
+
+def needs(served, control: str) -> None:
+    """Method tabs exist only when their control is on main; without it the endpoint must be absent."""
+    app, url = served
+    if control not in app.controls:
+        api = Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+        assert not any(control in name for name in api["named_endpoints"])
+        pytest.skip(f"control {control!r} is not in this build, so its tab is left out")
+
+
+def test_multi_subject_plain_image_matches_generate_and_the_job_validates(served, client):
+    needs(served, "astar")
+    app, _ = served
+    plain, controlled, grid, info, png, jobs = client.predict(
+        MODEL, "a red circle and a blue square", "astar", "circle, square", "", 4, STEPS, 7.5, 64, 64,
+        api_name="/multi_subject")
+    alone = gen(client, seed=4)[0]
+    assert np.array_equal(pixels(plain), pixels(alone))  # the plain side is exactly the Generate tab's image
+    assert np.array_equal(pixels(controlled), pixels(png))
+    assert Image.open(grid).size == (3 * 192, 192 + 18)
+    assert "A-STAR" in info
+    job = json.loads(Path(jobs).read_text().splitlines()[1])
+    assert job["controls"][0]["name"] == "astar" and job["controls"][0]["words"] == ["circle", "square"]
+    from attnedit.batch import plan
+
+    with app.pool.use(MODEL) as pipe:
+        assert not plan(jobs, pipe).problems
+
+
+def test_multi_subject_bad_boxes_are_refused_with_the_reason(served, client):
+    needs(served, "bounded")
+    args = (MODEL, "a red circle and a blue square", "bounded", "circle, square")
+    with pytest.raises(AppError, match=r"box 1 .* outside"):
+        client.predict(*args, "0,0,0.5,1; 0.5,0,1.5,1", 0, STEPS, 7.5, 64, 64, api_name="/multi_subject")
+    with pytest.raises(AppError, match="1 boxes for 2 subject words"):
+        client.predict(*args, "0,0,0.5,1", 0, STEPS, 7.5, 64, 64, api_name="/multi_subject")
+    with pytest.raises(AppError, match="not 4 numbers"):
+        client.predict(*args, "0,0,0.5; 0.5,0,1,1", 0, STEPS, 7.5, 64, 64, api_name="/multi_subject")
+    _, boxed, *_ = client.predict(*args, "0,0,0.5,1; 0.5,0,1,1", 0, STEPS, 7.5, 64, 64, api_name="/multi_subject")
+    assert pixels(boxed)[32, 0].tolist() == [255, 0, 0]  # the first box is outlined in red
+
+
+def test_consistent_source_is_the_plain_image_and_bad_mask_word_is_refused(served, client):
+    needs(served, "masactrl")
+    gallery, info, files, jobs = client.predict(
+        MODEL, "a red circle", "a red circle on the left\na red circle on the right", "", 5, STEPS, 7.5, 64, 64,
+        api_name="/consistent")
+    assert [g["caption"] for g in gallery] == ["source: a red circle", "target: a red circle on the left",
+                                               "target: a red circle on the right"]
+    assert len(files) == 3 and "3 images" in info
+    # MasaCtrl never touches the source row: it is the plain image of its prompt and seed
+    assert np.array_equal(pixels(gallery[0]["image"]), pixels(gen(client, "a red circle", seed=5)[0]))
+    job = json.loads(Path(jobs).read_text().splitlines()[1])
+    assert job["together"] is True and job["prompts"][0] == "a red circle" and job["controls"][0]["name"] == "masactrl"
+    with pytest.raises(AppError, match="word 'zebra' is not in the prompt"):
+        client.predict(MODEL, "a red circle", "a red circle on the left", "zebra", 0, STEPS, 7.5, 64, 64,
+                       api_name="/consistent")
+
+
+def test_edit_resizes_a_large_upload_and_says_so(served, client, tmp_path):
+    needs(served, "masactrl")
+    from gradio_client import handle_file
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(big)
+    gallery, info, png, params = client.predict(MODEL, handle_file(str(big)), "a red circle", "a blue circle",
+                                                STEPS, 7.5, api_name="/edit")
+    assert "resized to 64x40" in info
+    assert [g["caption"] for g in gallery] == ["reconstruction", "edit"]
+    assert Image.open(png).size == (64, 40)
+    assert json.loads(Path(params).read_text())["edit"]["targets"] == ["a blue circle"]
+    with pytest.raises(AppError, match="upload an image first"):
+        client.predict(MODEL, None, "a red circle", "a blue circle", STEPS, 7.5, api_name="/edit")
+
+
+def test_subjects_across_images_makes_references_and_scene(served, client):
+    needs(served, "reposition")
+    refs = "a red circle\na blue square"
+    gallery, info, png, params = client.predict(
+        MODEL, refs, "circle, square", "a red circle and a blue square", "0,0.2,0.5,0.8; 0.5,0.2,1,0.8", 0, STEPS,
+        7.5, 64, 64, api_name="/subjects")
+    assert [g["caption"].split(":")[0] for g in gallery] == ["reference", "reference", "scene"]
+    assert "3 images" in info
+    assert Image.open(png).size == (64, 64)
+    assert json.loads(Path(params).read_text())["subjects"] == ["circle", "square"]
+    with pytest.raises(AppError, match="1 scene boxes for 2 subjects"):
+        client.predict(MODEL, refs, "circle, square", "a red circle and a blue square", "0,0,1,1", 0, STEPS, 7.5,
+                       64, 64, api_name="/subjects")
