@@ -140,6 +140,8 @@ class IsolationAttention(Control):
 
     name = "isolation"
     phases = ("denoise",)
+    #: each image is isolated on its own: batching never changes it
+    cross_sample = False
 
     def __init__(
         self,
@@ -294,6 +296,8 @@ class RepositionAttention(Control):
 
     name = "reposition"
     phases = ("denoise",)
+    #: the scene reads the references of its call
+    cross_sample = True
 
     def __init__(
         self,

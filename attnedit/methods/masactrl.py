@@ -83,6 +83,8 @@ class MasaCtrl(Control):
 
     name = "masactrl"
     phases = ("denoise",)
+    #: an image depends on the other images of its call (targets read their source)
+    cross_sample = True
 
     def __init__(
         self,
