@@ -54,8 +54,22 @@ class ModelPool:
             self.names.insert(0, self.default)
         self.device, self.dtype = device, dtype
         self._pipes: dict[str, attnedit.EditPipeline] = {}
+        self._specs: dict[str, tuple[str, dict[str, Any]]] = {}  # derived models: base + load options
         self._locks = {n: threading.Lock() for n in self.names}
         self._loading = threading.Lock()
+
+    def add(self, name: str, base: str, **load_kw: Any) -> str:
+        """Offer a model the server made itself (e.g. `base` plus trained AttenCraft concepts)."""
+        self.check(base)
+        with self._loading:
+            self._specs[name] = (base, load_kw)
+            self._locks.setdefault(name, threading.Lock())
+            if name not in self.names:
+                self.names.append(name)
+        return name
+
+    def derived(self, name: str) -> bool:
+        return name in self._specs
 
     def check(self, name: str) -> str:
         if name not in self.names:
@@ -66,8 +80,10 @@ class ModelPool:
         self.check(name)
         with self._loading:
             if name not in self._pipes:
+                base, extra = self._specs.get(name, (name, {}))
                 # safetensors only: never unpickle weights on behalf of a web page
-                self._pipes[name] = attnedit.load(name, device=self.device, dtype=self.dtype, use_safetensors=True)
+                self._pipes[name] = attnedit.load(base, device=self.device, dtype=self.dtype, use_safetensors=True,
+                                                  **extra)
         return self._pipes[name]
 
     @contextmanager
@@ -122,6 +138,7 @@ class _StepProgress(attnedit.Control):
 
 
 PROGRESS = gr.Progress()  # gradio swaps in each request's own tracker
+PROGRESS_TQDM = gr.Progress(track_tqdm=True)  # training reports through its tqdm bar
 
 
 def _progress(progress: gr.Progress, what: str) -> _StepProgress:
@@ -564,6 +581,50 @@ class AttnEditApp:
         return (list(zip(images, captions)), _timing(seconds, settings, f" ({len(images)} images)"),
                 self.outputs.png(result.images[-1], "scene"), self.outputs.json(params, "ir-diffusion"))
 
+    # --- Concepts (AttenCraft) --------------------------------------------------------------------
+    def has_attencraft(self) -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec("attnedit.train.attencraft") is not None
+
+    def concepts(self, model: str, image: Image.Image | None, concepts: str, steps: float, class_images: float,
+                 progress: gr.Progress = PROGRESS_TQDM):
+        """Train AttenCraft tokens from one image, then offer `model + tokens` in every tab."""
+        from attnedit.train.attencraft import attencraft
+
+        base = self.pool.check(model)
+        if self.pool.derived(base):
+            raise ValueError(f"{model!r} already carries trained concepts; start from a base model "
+                             f"({', '.join(n for n in self.pool.names if not self.pool.derived(n))})")
+        names = _words(concepts)
+        n_steps = _int(steps, "training steps", 1, 500)
+        n_class = _int(class_images, "class images", 0, 50)
+        probe = self.pool.get(model)
+        fitted, notes = fit_upload(image, probe.default_size(), probe.pixel_stride)
+        run_dir = self.outputs.root / "concepts" / uuid.uuid4().hex[:10]
+        run_dir.mkdir(parents=True)
+        source = run_dir / "instance.png"
+        fitted.save(source)
+        progress(0.0, desc="AttenCraft: preparing (class images, masks)")
+        start = time.perf_counter()
+        result = attencraft(source, names, run_dir / "concepts", model=model, steps=n_steps,
+                            num_class_images=max(1, n_class), prior_weight=1.0 if n_class else 0.0,
+                            checkpoint_every=0, progress=True)
+        seconds = time.perf_counter() - start
+        new = self.pool.add(f"{model} + {' '.join(result.tokens)} [{run_dir.name[:6]}]", model,
+                            concepts=str(result.output))
+        last = result.history[-1] if result.history else {}
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float))
+        info = (f"trained {n_steps} steps in **{seconds:.1f} s**; tokens "
+                + ", ".join(f"`{t}`" for t in result.tokens) + f"; last losses: {losses}. "
+                f"Model **{new}** is now in the model list: use the tokens in any tab."
+                + "".join(f"\n\n_{n}_" for n in [*notes, *result.notes]))
+        prompt = "a photo of " + " and ".join(result.tokens)
+        masks = result.output / "masks.png"
+        preview = Image.open(masks).convert("RGB") if masks.is_file() else None
+        return (preview, info, gr.Dropdown(choices=self.pool.names, value=new), prompt,
+                str(result.output / "concepts.safetensors"))
+
     # --- page ---------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
         pool = self.pool
@@ -583,7 +644,9 @@ class AttnEditApp:
 
         with gr.Blocks(title="attnedit", analytics_enabled=False) as demo:
             gr.Markdown("## attnedit — attention control for diffusers pipelines")
-            model = gr.Dropdown(choices=pool.names, value=pool.default, label="Model", elem_id="model")
+            # custom values are let through to ModelPool.check, which refuses anything the server did not offer
+            model = gr.Dropdown(choices=pool.names, value=pool.default, label="Model", elem_id="model",
+                                allow_custom_value=True)
 
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
@@ -734,6 +797,33 @@ class AttnEditApp:
                 m_step.release(readable(self.maps_step), [m_step, session], m_grid, api_name="maps_step")
                 m_pix.click(readable(self.self_attention), [m_x, m_y, session], m_self, api_name="self_attention")
                 m_image.select(readable(self.pick_pixel), [session], [m_x, m_y, m_self], api_visibility="private")
+
+            if self.has_attencraft():
+                with gr.Tab("Concepts", id="concepts"):
+                    gr.Markdown("**AttenCraft**: learn one new token per concept from a single image (each "
+                                "concept kept to its own region by the model's attention); the trained model "
+                                "joins the model list, so its tokens work in every tab.")
+                    with gr.Row():
+                        with gr.Column():
+                            a_image = gr.Image(label="One image showing every concept", type="pil",
+                                               sources=["upload", "clipboard"], image_mode="RGB")
+                            a_concepts = gr.Textbox(label="Concepts (at least two, comma-separated)",
+                                                    value="circle, square")
+                            with gr.Row():
+                                a_steps = gr.Slider(1, 500, value=50, step=1, label="Training steps")
+                                a_class = gr.Slider(0, 50, value=4, step=1,
+                                                    label="Class images (prior preservation; 0 = off)")
+                            a_go = gr.Button("Train concepts", variant="primary")
+                            a_info = gr.Markdown(label="Training info")
+                        with gr.Column():
+                            a_masks = gr.Image(label="Concept masks found in the image", type="pil", format="png",
+                                               interactive=False)
+                            a_prompt = gr.Textbox(label="Prompt with the new tokens (paste into a tab)",
+                                                  interactive=False)
+                            a_file = gr.DownloadButton("Download concepts (safetensors)")
+                    a_go.click(readable(self.concepts), [model, a_image, a_concepts, a_steps, a_class],
+                               [a_masks, a_info, model, a_prompt, a_file], api_name="concepts",
+                               concurrency_id="attnedit-training", concurrency_limit=1)
 
         demo.queue(max_size=64, default_concurrency_limit=self.concurrency)
         return demo

@@ -86,7 +86,7 @@ def test_generate_bad_size_and_foreign_model_are_refused_with_the_reason(client)
         gen(client, size=60)
     with pytest.raises(AppError, match="empty"):
         gen(client, prompt="   ")
-    with pytest.raises(AppError):
+    with pytest.raises(AppError, match="not offered by this app"):
         client.predict("/etc/passwd", "a cat", "", 0, STEPS, 7.5, 64, 64, False, 2, False, False,
                        api_name="/generate")
 
@@ -235,3 +235,29 @@ def test_subjects_across_images_makes_references_and_scene(served, client):
     with pytest.raises(AppError, match="1 scene boxes for 2 subjects"):
         client.predict(MODEL, refs, "circle, square", "a red circle and a blue square", "0,0,1,1", 0, STEPS, 7.5,
                        64, 64, api_name="/subjects")
+
+
+def test_concepts_training_adds_a_model_whose_tokens_work_in_other_tabs(served, client, tmp_path):
+    app, _ = served
+    if not app.has_attencraft():
+        pytest.skip("AttenCraft training is not in this build")
+    from gradio_client import handle_file
+    from PIL import ImageDraw
+
+    photo = Image.new("RGB", (64, 64), "white")
+    draw = ImageDraw.Draw(photo)
+    draw.ellipse((4, 20, 28, 44), fill="red")
+    draw.rectangle((36, 20, 60, 44), fill="blue")
+    photo.save(tmp_path / "two.png")
+    with pytest.raises(AppError, match="give at least two concepts"):
+        client.predict(MODEL, handle_file(str(tmp_path / "two.png")), "circle", 2, 0, api_name="/concepts")
+    masks, info, dropdown, prompt, weights = client.predict(
+        MODEL, handle_file(str(tmp_path / "two.png")), "circle, square", 2, 0, api_name="/concepts")
+    assert prompt == "a photo of <circle> and <square>" and "trained 2 steps" in info
+    assert Path(weights).name == "concepts.safetensors" and Image.open(masks).format == "PNG"
+    new = dropdown["value"]
+    assert new in app.pool.names and new.startswith(MODEL)
+    image, *_ = client.predict(new, prompt, "", 0, STEPS, 7.5, 64, 64, False, 2, False, False, api_name="/generate")
+    assert pixels(image).shape == (64, 64, 3)
+    with pytest.raises(AppError, match="already carries trained concepts"):
+        client.predict(new, handle_file(str(tmp_path / "two.png")), "circle, square", 2, 0, api_name="/concepts")
