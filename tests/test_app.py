@@ -261,3 +261,47 @@ def test_concepts_training_adds_a_model_whose_tokens_work_in_other_tabs(served, 
     assert pixels(image).shape == (64, 64, 3)
     with pytest.raises(AppError, match="already carries trained concepts"):
         client.predict(new, handle_file(str(tmp_path / "two.png")), "circle, square", 2, 0, api_name="/concepts")
+
+
+def test_uploads_over_the_cap_are_refused(served, client, tmp_path):
+    needs(served, "masactrl")
+    from gradio_client import handle_file
+
+    big = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1800, 1800, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 8 * 1024 * 1024
+    with pytest.raises(Exception, match="(?i)file size|too large|413"):
+        client.predict(MODEL, handle_file(str(big)), "a red circle", "a blue circle", STEPS, 7.5, api_name="/edit")
+
+
+def test_cli_lists_app_without_importing_gradio_and_serves_the_page(tmp_path):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    code = ("import sys, attnedit.cli as c; p = c.build_parser(); "
+            "assert 'app' in p._subparsers._group_actions[0].choices; assert 'gradio' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+    from attnedit.app_cli import models_of
+
+    assert models_of("tiny-sd", "tiny-sdxl, tiny-sd") == (["tiny-sdxl", "tiny-sd"], "tiny-sd")
+    assert models_of(None, "tiny-sdxl") == (["tiny-sdxl"], "tiny-sdxl")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "attnedit", "app", "--model", MODEL, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+                assert time.time() < deadline, "attnedit app did not come up in 90 s"
+                time.sleep(0.5)
+        assert "attnedit" in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
