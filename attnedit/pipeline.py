@@ -321,7 +321,8 @@ class EditPipeline:
         `seed` is one int (image i gets seed + i) or one seed per image. Everything is validated
         (sizes, words, control options) before any denoising starts.
         """
-        controls = [*self.default_controls, *controls]
+        # an explicit control of the same class replaces the default one (e.g. CLEAR with other options)
+        controls = [*(d for d in self.default_controls if not any(type(c) is type(d) for c in controls)), *controls]
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a non-empty string or a list of strings")
