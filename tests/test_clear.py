@@ -235,6 +235,14 @@ def test_adapter_reloads_and_changes_the_output(adapter):
     a = torch.tensor(list(untrained.image.getdata()), dtype=torch.float32)
     b = torch.tensor(list(distilled.image.getdata()), dtype=torch.float32)
     assert (a - b).abs().max() > 0
+    # an explicit CLEAR() replaces the default one and, with default options, runs the adapter's window
+    explicit = CLEAR()
+    again = student.generate("a red circle", seed=0, steps=2, controls=[explicit])
+    assert (explicit.radius, explicit.down_factor) == (1, 2)
+    assert list(again.image.getdata()) == list(distilled.image.getdata())
+    # the same control on a model without adapter falls back to its own defaults
+    base.generate("a red circle", seed=0, steps=1, controls=[explicit])
+    assert (explicit.radius, explicit.down_factor) == (16, None)
 
 
 def test_adapter_for_another_model_is_refused(adapter):

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["CLEAR", "ClearWeights"]  # adapters: attnedit.methods.clear.load_adapter / save_adapter
 
 BACKENDS = ("auto", "kernels", "flex", "dense")
+DEFAULT_RADIUS = 16
 ADAPTER_FORMAT = "attnedit-clear"
 ADAPTER_VERSION = "1"
 # image-stream projections the distillation trains (official: names containing these)
@@ -55,14 +56,20 @@ class ClearWeights(torch.nn.Module):
     """The per-layer df x df `spatial_weight`s of the down-sampled global tokens (init 1/df^2).
 
     A plain `nn.Module`, so `.to()`, `state_dict()` and optimisers treat it as usual; `attach`
-    registers it on a denoiser (as `attnedit_clear`) so it follows `pipe.to(...)`.
+    registers it on a denoiser (as `attnedit_clear`) so it follows `pipe.to(...)`. A loaded adapter
+    always attaches one (empty when the student has no down-sampled tokens) carrying its radius:
+    `CLEAR()` with default radius and down_factor then runs the adapter's window.
     """
 
-    def __init__(self, layers: list[str], down_factor: int) -> None:
+    def __init__(self, layers: list[str], down_factor: int | None, radius: float | None = None) -> None:
         super().__init__()
-        self.down_factor = int(down_factor)
-        init = torch.full((down_factor, down_factor), 1.0 / down_factor**2)
-        self.weights = torch.nn.ParameterDict({_key(n): torch.nn.Parameter(init.clone()) for n in sorted(layers)})
+        self.down_factor = None if down_factor is None else int(down_factor)
+        self.radius = radius  # set when the weights come from an adapter: the radius they were trained for
+        params = {}
+        if self.down_factor is not None:
+            init = torch.full((self.down_factor, self.down_factor), 1.0 / self.down_factor**2)
+            params = {_key(n): torch.nn.Parameter(init.clone()) for n in sorted(layers)}
+        self.weights = torch.nn.ParameterDict(params)
 
     @property
     def layers(self) -> list[str]:
@@ -259,8 +266,10 @@ class CLEAR(Control):
     """Local attention on the image grid of a DiT, text global (CLEAR).
 
     - `radius`: window radius in tokens (strict (dy^2 + dx^2) < r^2); 8, 16 or 32 in the paper.
+      Default: the loaded adapter's radius (`attnedit.load(..., clear=path)`), else 16.
     - `down_factor`: int >= 2 adds the down-sampled global tokens (trainable `spatial_weight`s,
-      kept in `self.weights`, a `ClearWeights` module); None (default) = plain local window.
+      kept in `self.weights`, a `ClearWeights` module); None = plain local window; "auto"
+      (default) = the loaded adapter's, else None.
     - `backend`: "auto" (Triton kernel on CUDA when it takes the case, else the reference; the
       down-sampled variant uses FlexAttention on CUDA), "kernels", "flex" or "dense".
     - `proportional`: scale logits by sqrt(log N_kv / log train_len) (high-resolution recipe).
@@ -278,8 +287,8 @@ class CLEAR(Control):
 
     def __init__(
         self,
-        radius: float = 16,
-        down_factor: int | None = None,
+        radius: float | None = None,
+        down_factor: int | str | None = "auto",
         *,
         backend: str = "auto",
         proportional: bool = False,
@@ -290,11 +299,12 @@ class CLEAR(Control):
         steps=None,
     ) -> None:
         super().__init__(layers=layers, steps=steps)
-        self.radius = _check_radius(radius)
-        if down_factor is not None:
+        self._given = (radius, down_factor)
+        self.radius = DEFAULT_RADIUS if radius is None else _check_radius(radius)
+        if down_factor is not None and down_factor != "auto":
             if isinstance(down_factor, bool) or not isinstance(down_factor, int) or down_factor < 2:
-                raise ValueError(f"CLEAR down_factor must be an integer >= 2 or None, got {down_factor!r}")
-        self.down_factor = down_factor
+                raise ValueError(f"CLEAR down_factor must be an integer >= 2, None or 'auto', got {down_factor!r}")
+        self.down_factor = None if down_factor == "auto" else down_factor
         if backend not in BACKENDS:
             raise ValueError(f"unknown CLEAR backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
@@ -307,11 +317,12 @@ class CLEAR(Control):
             if len(tile) != 2 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tile):
                 raise ValueError(f"tile must be two integers >= 1 (rows, columns) or None, got {tile!r}")
         self.tile = tile
-        if weights is not None and (down_factor is None or weights.down_factor != down_factor):
+        if weights is not None and weights.down_factor != self.down_factor:
             raise ValueError(
                 f"weights were made for down_factor={weights.down_factor}, the control has down_factor={down_factor}"
             )
         self.weights = weights
+        self._user_weights = weights is not None
 
     def default_layers(self) -> Select:
         return Select(kind=("self", "joint"))
@@ -335,18 +346,28 @@ class CLEAR(Control):
                 raise ValueError(
                     f"CLEAR and {other.name!r} both change the keys of layer {shared[0]}; give them disjoint `layers=`"
                 )
+        denoiser = getattr(run.pipe, run.family.denoiser)
+        attached = getattr(denoiser, "attnedit_clear", None)
+        attached = attached if isinstance(attached, ClearWeights) else None
+        radius, down_factor = self._given
+        self.radius = DEFAULT_RADIUS if radius is None else _check_radius(radius)
+        self.down_factor = None if down_factor == "auto" else down_factor
+        if attached is not None and attached.radius is not None:  # a loaded student: defaults follow it
+            if radius is None:
+                self.radius = attached.radius
+            if down_factor == "auto":
+                self.down_factor = attached.down_factor
+        if not self._user_weights:
+            self.weights = None  # resolved again on every run: the model's attached weights or fresh ones
         if self.down_factor is not None:
             if self.weights is None:
-                denoiser = getattr(run.pipe, run.family.denoiser)
-                attached = getattr(denoiser, "attnedit_clear", None)
-                if isinstance(attached, ClearWeights) and attached.down_factor == self.down_factor and set(
-                    attached.layers
-                ) >= set(self.selected_layers):
+                if (attached is not None and attached.down_factor == self.down_factor
+                        and set(attached.layers) >= set(self.selected_layers)):
                     self.weights = attached
                 else:
                     param = next(denoiser.parameters())
                     self.weights = ClearWeights(sorted(self.selected_layers), self.down_factor).to(param.device)
-            device = next(getattr(run.pipe, run.family.denoiser).parameters()).device
+            device = next(denoiser.parameters()).device
             if next(self.weights.parameters()).device != device:
                 self.weights.to(device)  # follow the model (in place: optimisers keep their parameters)
             missing = sorted(set(self.selected_layers) - set(self.weights.layers))
@@ -565,20 +586,18 @@ def load_adapter(edit_pipe: EditPipeline, path: str | os.PathLike) -> CLEAR:
                 params[name].copy_(t.to(params[name].dtype))
     down_factor = json.loads(meta.get("down_factor", "null"))
     layers = json.loads(meta.get("layers", "[]"))
-    weights = None
-    if down_factor is not None:
-        weights = ClearWeights(sorted(spatial), down_factor)
-        with torch.no_grad():
-            for layer, t in spatial.items():
-                weights.of(layer).copy_(t)
-        param = next(denoiser.parameters())
-        weights.to(param.device)
-        weights.attach(denoiser)
+    radius = json.loads(meta["radius"])
+    weights = ClearWeights(sorted(spatial), down_factor, radius=radius)
+    with torch.no_grad():
+        for layer, t in spatial.items():
+            weights.of(layer).copy_(t)
+    weights.to(next(denoiser.parameters()).device)
+    weights.attach(denoiser)  # follows pipe.to(...); also tells the app and CLEAR() an adapter is loaded
     names = layers or None
     control = CLEAR(
-        radius=json.loads(meta["radius"]),
+        radius=radius,
         down_factor=down_factor,
-        weights=weights,
+        weights=weights if down_factor is not None else None,
         layers=Select(name=names) if names else None,
     )
     defaults = getattr(edit_pipe, "default_controls", None)
