@@ -296,6 +296,17 @@ def _self_grid(store: attnedit.AttentionStore) -> tuple[int, int] | None:
     return None
 
 
+def display_scale(image: Image.Image, target: int = 256) -> int:
+    """Whole-number enlargement that shows small (e.g. 64 px) images at about `target` px."""
+    return max(1, target // max(image.size))
+
+
+def enlarge(image: Image.Image) -> Image.Image:
+    """Pixel-exact enlargement for display (clicks map back by integer division)."""
+    k = display_scale(image)
+    return image if k == 1 else image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+
+
 def _mark(image: Image.Image, x: int, y: int) -> Image.Image:
     out = image.copy()
     r = max(2, image.width // 40)
@@ -337,6 +348,51 @@ def draw_boxes(image: Image.Image, boxes: list[list[float]] | None, labels: list
     return out
 
 
+def format_boxes(boxes: list[list[float]]) -> str:
+    return "; ".join(",".join(f"{v:.2f}" for v in b) for b in boxes)
+
+
+def click_box(boxes: str | None, pending: tuple[float, float] | None, x: float, y: float, width: int,
+              height: int) -> tuple[str, tuple[float, float] | None]:
+    """Canvas clicks: the first click of a pair marks a corner, the second closes the box."""
+    fx, fy = min(max(x / width, 0.0), 1.0), min(max(y / height, 0.0), 1.0)
+    if pending is None:
+        return boxes or "", (fx, fy)
+    x0, x1 = sorted((pending[0], fx))
+    y0, y1 = sorted((pending[1], fy))
+    if x1 - x0 < 0.02 or y1 - y0 < 0.02:
+        return boxes or "", (fx, fy)  # a click on (almost) the same spot restarts the box there
+    try:
+        current = parse_boxes(boxes) or []
+    except ValueError:
+        current = []
+    return format_boxes([*current, [x0, y0, x1, y1]]), None
+
+
+def box_canvas(boxes: str | None, words: str | None, height: Any, width: Any,
+               pending: tuple[float, float] | None = None, side: int = 320) -> Image.Image:
+    """A blank canvas of the image's aspect ratio with the typed boxes (and a started corner) drawn."""
+    try:
+        h, w = max(1.0, float(height)), max(1.0, float(width))
+    except (TypeError, ValueError):
+        h = w = 1.0
+    scale = side / max(h, w)
+    canvas = Image.new("RGB", (max(8, round(w * scale)), max(8, round(h * scale))), (245, 245, 245))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(1, 4):  # quarter lines to aim by
+        draw.line((canvas.width * i // 4, 0, canvas.width * i // 4, canvas.height), fill=(220, 220, 220))
+        draw.line((0, canvas.height * i // 4, canvas.width, canvas.height * i // 4), fill=(220, 220, 220))
+    try:
+        parsed = parse_boxes(boxes)
+    except ValueError:
+        parsed = None
+    out = draw_boxes(canvas, parsed, _words(words))
+    if pending is not None:
+        px, py = pending[0] * out.width, pending[1] * out.height
+        ImageDraw.Draw(out).ellipse((px - 4, py - 4, px + 4, py + 4), outline="black", width=2)
+    return out
+
+
 def _words(text: str | None) -> list[str]:
     return [w.strip() for w in (text or "").split(",") if w.strip()]
 
@@ -361,6 +417,7 @@ def fit_upload(image: Image.Image | None, size: tuple[int, int], stride: int) ->
     return image.convert("RGB"), notes
 
 
+DEFAULT_BOXES = "0.05,0.20,0.45,0.80; 0.55,0.20,0.95,0.80"
 MULTI_SUBJECT = {"astar": "A-STAR", "attend_excite": "Attend-and-Excite", "bounded": "Bounded Attention"}
 
 
@@ -435,7 +492,7 @@ class AttnEditApp:
         info = _timing(seconds, settings, note) + " — click the image for the self-attention of a pixel."
         slider = gr.Slider(minimum=0, maximum=settings.steps - 1, value=settings.steps - 1, step=1,
                            interactive=settings.steps > 1)
-        return (result.image, grid, slider, info, session, self.outputs.png(result.image),
+        return (enlarge(result.image), grid, slider, info, session, self.outputs.png(result.image),
                 self.outputs.jobs(model, [job_of(result.params, [])]))
 
     def maps_step(self, step: float, session: MapsSession | None):
@@ -456,11 +513,16 @@ class AttnEditApp:
         px, py = _int(x, "x", 0, w - 1), _int(y, "y", 0, h - 1)
         gh, gw = session.self_grid
         m = session.store.self_map(py * gh // h, px * gw // w, grid=session.self_grid)
-        over = heatmap(m, session.image)
-        return _mark(over, px, py)
+        k = display_scale(session.image)
+        over = enlarge(heatmap(m, session.image))
+        return _mark(over, px * k + k // 2, py * k + k // 2)
 
     def pick_pixel(self, session: MapsSession | None, evt: gr.SelectData):
-        x, y = (int(v) for v in evt.index[:2])
+        """A click on the (enlarged) image -> that pixel of the generated image."""
+        if session is None:
+            raise ValueError("run the Attention maps tab first, then click a pixel of its image")
+        k = display_scale(session.image)
+        x, y = (int(v) // k for v in evt.index[:2])
         return x, y, self.self_attention(x, y, session)
 
     # --- Multi-subject ------------------------------------------------------------------------
@@ -685,8 +747,14 @@ class AttnEditApp:
                             s_words = gr.Textbox(label="Subject words (comma-separated)", value="circle, square")
                             s_boxes = gr.Textbox(label="Boxes, one per word: x0,y0,x1,y1 as fractions; "
                                                  "separated by ';' (Bounded Attention)",
-                                                 value="0.05,0.2,0.45,0.8; 0.55,0.2,0.95,0.8")
+                                                 value=DEFAULT_BOXES, elem_id="multi-boxes")
                             s_common = settings_row("multi")
+                            s_pending = gr.State(None)
+                            s_canvas = gr.Image(box_canvas(DEFAULT_BOXES, "circle, square", dh, dw),
+                                                label="Draw boxes: click two opposite corners per subject",
+                                                type="pil", format="png", interactive=False, height=340,
+                                                elem_id="multi-canvas")
+                            s_clear = gr.Button("Clear boxes", size="sm")
                             s_go = gr.Button("Generate both", variant="primary")
                             s_info = gr.Markdown(label="Run info")
                         with gr.Column():
@@ -700,6 +768,21 @@ class AttnEditApp:
                             with gr.Row():
                                 s_png = gr.DownloadButton("Download PNG")
                                 s_job = gr.DownloadButton("Download parameters (batch JSONL)")
+                    s_h, s_w = s_common[3], s_common[4]
+
+                    def on_click(boxes, words, pending, height, width, canvas, evt: gr.SelectData):
+                        x, y = evt.index[:2]
+                        text, pending = click_box(boxes, pending, x, y, canvas.width, canvas.height)
+                        return text, pending, box_canvas(text, words, height, width, pending)
+
+                    s_canvas.select(on_click, [s_boxes, s_words, s_pending, s_h, s_w, s_canvas],
+                                    [s_boxes, s_pending, s_canvas], api_visibility="private")
+                    for trigger in (s_boxes.change, s_words.change, s_h.change, s_w.change):
+                        trigger(lambda b, wd, h, w, p: box_canvas(b, wd, h, w, p),
+                                [s_boxes, s_words, s_h, s_w, s_pending], s_canvas, api_visibility="private",
+                                queue=False)
+                    s_clear.click(lambda: ("", None), None, [s_boxes, s_pending], api_visibility="private",
+                                  queue=False)
                     s_go.click(readable(self.multi_subject), [model, s_prompt, s_method, s_words, s_boxes, *s_common],
                                [s_plain, s_image, s_grid, s_info, s_png, s_job], api_name="multi_subject", **run)
 
@@ -776,11 +859,11 @@ class AttnEditApp:
                         m_prompt = gr.Textbox(label="Prompt", value="a red circle and a blue square")
                         m_words = gr.Textbox(label="Words (comma-separated; empty = every word)", value="")
                         m_common = settings_row("maps")
-                        m_go = gr.Button("Record attention", variant="primary")
+                        m_go = gr.Button("Record attention", variant="primary", elem_id="maps-button")
                         m_info = gr.Markdown(label="Run info")
                     with gr.Column():
                         m_image = gr.Image(label="Image (click a pixel)", type="pil", format="png",
-                                           interactive=False)
+                                           interactive=False, elem_id="maps-image")
                         with gr.Row():
                             m_png = gr.DownloadButton("Download PNG")
                             m_job = gr.DownloadButton("Download parameters (batch JSONL)")
@@ -791,7 +874,7 @@ class AttnEditApp:
                     m_y = gr.Number(value=0, precision=0, label="Pixel y")
                     m_pix = gr.Button("Self-attention of this pixel")
                 m_self = gr.Image(label="Self-attention of the picked pixel", type="pil", format="png",
-                                  interactive=False)
+                                  interactive=False, elem_id="maps-self")
                 m_go.click(readable(self.maps), [model, m_prompt, m_words, *m_common],
                            [m_image, m_grid, m_step, m_info, session, m_png, m_job], api_name="maps", **run)
                 m_step.release(readable(self.maps_step), [m_step, session], m_grid, api_name="maps_step")

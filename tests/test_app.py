@@ -104,9 +104,11 @@ def test_generate_speedup_toggle_changes_the_job(served, client):
 
 
 def test_attention_maps_tab_step_slider_and_pixel_self_attention(client):
-    image, grid, slider, info, _png, _jobs = client.predict(
+    image, grid, slider, info, png, _jobs = client.predict(
         MODEL, "a red circle and a blue square", "red, square", 0, 3, 7.5, 64, 64, api_name="/maps")
-    assert pixels(image).shape == (64, 64, 3)
+    # shown 4x (pixel-exact, so clicks map back), downloaded as made
+    assert pixels(png).shape == (64, 64, 3)
+    assert np.array_equal(pixels(image), pixels(png).repeat(4, 0).repeat(4, 1))
     # image tile + one tile per chosen word, 192 px each, labels above
     assert Image.open(grid).size == (3 * 192, 192 + 18)
     assert slider["maximum"] == 2 and "3 steps" in info
@@ -116,7 +118,7 @@ def test_attention_maps_tab_step_slider_and_pixel_self_attention(client):
     assert not np.array_equal(pixels(step0), pixels(step2))
     a = client.predict(5, 5, api_name="/self_attention")
     b = client.predict(60, 60, api_name="/self_attention")
-    assert pixels(a).shape == (64, 64, 3)
+    assert pixels(a).shape == (256, 256, 3)
     assert not np.array_equal(pixels(a), pixels(b))
 
 

@@ -1,7 +1,8 @@
 """The app in a real browser: Debian's headless Chromium, driven by Playwright for Python.
 
 Opens the page, types a prompt, clicks Generate, waits for the image, checks it appeared and
-saves a screenshot (under `outputs/tests/app/`, or $ATTNEDIT_TEST_OUTPUT). In CI (CI=true) a
+saves a screenshot (under `outputs/tests/app/`, or $ATTNEDIT_TEST_OUTPUT); then clicks a pixel of
+the Attention maps image for its self-attention and draws a box on the Multi-subject canvas. In CI (CI=true) a
 missing browser or Playwright fails the test; elsewhere it skips.
 """
 
@@ -44,6 +45,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _click_a_pixel_for_its_self_attention(page) -> None:
+    page.get_by_role("tab", name="Attention maps").click()
+    page.locator("#maps-steps input[type=number]").fill("2")
+    page.locator("#maps-steps input[type=number]").press("Enter")
+    page.locator("#maps-button").click()
+    image = page.locator("#maps-image img")
+    image.wait_for(state="visible", timeout=90_000)
+    page.wait_for_function("() => { const i = document.querySelector('#maps-image img');"
+                           " return i && i.complete && i.naturalWidth === 256; }", timeout=30_000)
+    box = image.bounding_box()
+    image.click(position={"x": box["width"] * 0.25, "y": box["height"] * 0.5})
+    page.locator("#maps-self img").wait_for(state="visible", timeout=30_000)
+    # the click lands on pixel (16, 32) of the 64 x 64 image, shown 4x
+    assert page.get_by_label("Pixel x").input_value() == "16"
+    assert page.get_by_label("Pixel y").input_value() == "32"
+
+
+def _draw_a_box_on_the_canvas(page) -> None:
+    page.get_by_role("tab", name="Multi-subject").click()
+    page.get_by_role("button", name="Clear boxes").click()
+    page.wait_for_function("() => document.querySelector('#multi-boxes textarea').value === ''")
+    canvas = page.locator("#multi-canvas img")
+    canvas.wait_for(state="visible")
+    box = canvas.bounding_box()
+    canvas.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.5})
+    page.wait_for_timeout(500)
+    canvas.click(position={"x": box["width"] * 0.5 + 40, "y": box["height"] * 0.5 + 40})
+    page.wait_for_function("() => document.querySelector('#multi-boxes textarea').value !== ''", timeout=15_000)
+    x0, y0, x1, y1 = (float(v) for v in page.locator("#multi-boxes textarea").input_value().split(","))
+    assert x0 < x1 and y0 < y1 and 0.0 <= x0 and x1 <= 1.0
+
+
 def test_page_generates_an_image_in_headless_chromium(tmp_path):
     _browser_or_fail()
     from playwright.sync_api import sync_playwright
@@ -80,6 +113,9 @@ def test_page_generates_an_image_in_headless_chromium(tmp_path):
                 assert "2 steps" in info and "64x64" in info, info
                 assert "/gradio_api/file=" in (image.get_attribute("src") or "")
                 page.screenshot(path=str(shot), full_page=True)
+                _click_a_pixel_for_its_self_attention(page)
+                if page.get_by_role("tab", name="Multi-subject").count():
+                    _draw_a_box_on_the_canvas(page)
             finally:
                 browser.close()
     finally:
