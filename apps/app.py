@@ -615,8 +615,12 @@ class AttnEditApp:
 
     # --- Subjects across images -------------------------------------------------------------------
     def subjects(self, model: str, references: str, subject_words: str, scene: str, boxes: str, seed: float,
-                 steps: float, guidance: float, height: float, width: float, progress: gr.Progress = PROGRESS):
-        """IR-Diffusion: references and one scene; the scene's subjects keep their references' look."""
+                 steps: float, guidance: float, height: float, width: float, reposition: bool = True,
+                 isolate: bool = True, reference_files: list[Any] | None = None, progress: gr.Progress = PROGRESS):
+        """IR-Diffusion: references and one scene; the scene's subjects keep their references' look.
+
+        `reference_files`: optional real photos, one per reference prompt (inverted, then followed).
+        """
         from attnedit.methods.ir_diffusion import ir_diffusion
 
         refs = _lines(references)
@@ -628,20 +632,46 @@ class AttnEditApp:
         target_boxes = parse_boxes(boxes)
         if target_boxes is not None and len(target_boxes) != len(refs):
             raise ValueError(f"{len(target_boxes)} scene boxes for {len(refs)} subjects; give one box per subject")
+        photos, notes = self._reference_photos(reference_files, len(refs), settings)
+        options = {"reposition": bool(reposition), "isolate": bool(isolate)}
         with self.pool.use(model) as pipe:
-            progress(0.1, desc="IR-Diffusion: subject maps, references and scene")
+            progress(0.1, desc="IR-Diffusion: " + ("inverting the references, " if photos else "")
+                     + "subject maps, references and scene")
             start = time.perf_counter()
             result = ir_diffusion(pipe, refs, scene, words, target_boxes=target_boxes, seed=settings.seed,
                                   steps=settings.steps, guidance=settings.guidance, height=settings.height,
-                                  width=settings.width)
+                                  width=settings.width, reference_images=photos, control_options=options)
             seconds = time.perf_counter() - start
         captions = [f"reference: {r}" for r in refs] + [f"scene: {scene}"]
         images = list(result.images)
         if target_boxes:
             images[-1] = draw_boxes(images[-1], target_boxes, words)
-        params = {**result.params, "subjects": words, "target_boxes": target_boxes}
-        return (list(zip(images, captions)), _timing(seconds, settings, f" ({len(images)} images)"),
+        params = {**result.params, "subjects": words, "target_boxes": target_boxes, "options": options,
+                  "real_references": photos is not None}
+        extra = f" ({len(images)} images)" + "".join(f"\n\n_{n}_" for n in notes)
+        return (list(zip(images, captions)), _timing(seconds, settings, extra),
                 self.outputs.png(result.images[-1], "scene"), self.outputs.json(params, "ir-diffusion"))
+
+    def _reference_photos(self, files: list[Any] | None, n: int, settings: Settings):
+        """Uploaded reference photos at the scene's size (resizes are reported), or None."""
+        if not files:
+            return None, []
+        if len(files) != n:
+            raise ValueError(f"{len(files)} reference photos for {n} reference prompts; give one per prompt or none")
+        photos, notes = [], []
+        for i, f in enumerate(files):
+            path = f if isinstance(f, str) else getattr(f, "name", None) or f.get("path")
+            try:
+                with Image.open(path) as im:
+                    photo = im.convert("RGB")
+            except Exception as err:
+                raise ValueError(f"reference photo {i + 1} is not an image the app can read ({err})") from err
+            if photo.size != (settings.width, settings.height):
+                notes.append(f"reference photo {i + 1} ({photo.width}x{photo.height}) resized to "
+                             f"{settings.width}x{settings.height}, the scene's size")
+                photo = photo.resize((settings.width, settings.height), Image.Resampling.LANCZOS)
+            photos.append(photo)
+        return photos, notes
 
     # --- Concepts (AttenCraft) --------------------------------------------------------------------
     def has_attencraft(self) -> bool:
@@ -842,6 +872,11 @@ class AttnEditApp:
                             i_boxes = gr.Textbox(label="Scene boxes (optional, one per subject: x0,y0,x1,y1; ...)",
                                                  value="0.0,0.2,0.5,0.8; 0.5,0.2,1.0,0.8")
                             i_common = settings_row("subjects")
+                            with gr.Row():
+                                i_repos = gr.Checkbox(label="Reposition (features pasted at the box)", value=True)
+                                i_iso = gr.Checkbox(label="Isolate subjects", value=True)
+                            i_files = gr.File(label="Real reference photos (optional, one per reference prompt)",
+                                              file_count="multiple", file_types=["image"], type="filepath")
                             i_go = gr.Button("Generate references and scene", variant="primary")
                             i_info = gr.Markdown(label="Run info")
                         with gr.Column():
@@ -849,8 +884,9 @@ class AttnEditApp:
                             with gr.Row():
                                 i_png = gr.DownloadButton("Download scene PNG")
                                 i_job = gr.DownloadButton("Download parameters (JSON)")
-                    i_go.click(readable(self.subjects), [model, i_refs, i_words, i_scene, i_boxes, *i_common],
-                               [i_gallery, i_info, i_png, i_job], api_name="subjects", **run)
+                    i_inputs = [model, i_refs, i_words, i_scene, i_boxes, *i_common, i_repos, i_iso, i_files]
+                    i_go.click(readable(self.subjects), i_inputs, [i_gallery, i_info, i_png, i_job],
+                               api_name="subjects", **run)
 
             with gr.Tab("Attention maps", id="maps"):
                 session = gr.State(None)

@@ -224,7 +224,7 @@ def test_edit_resizes_a_large_upload_and_says_so(served, client, tmp_path):
         client.predict(MODEL, None, "a red circle", "a blue circle", STEPS, 7.5, api_name="/edit")
 
 
-def test_subjects_across_images_makes_references_and_scene(served, client):
+def test_subjects_across_images_makes_references_and_scene(served, client, tmp_path):
     needs(served, "reposition")
     refs = "a red circle\na blue square"
     gallery, info, png, params = client.predict(
@@ -234,6 +234,22 @@ def test_subjects_across_images_makes_references_and_scene(served, client):
     assert "3 images" in info
     assert Image.open(png).size == (64, 64)
     assert json.loads(Path(params).read_text())["subjects"] == ["circle", "square"]
+    # isolation alone, with real reference photos of another size (inverted, resized and said so)
+    from gradio_client import handle_file
+
+    photos = []
+    for i, colour in enumerate(("red", "blue")):
+        photos.append(tmp_path / f"ref{i}.png")
+        Image.new("RGB", (96, 96), colour).save(photos[-1])
+    gallery, info, png, params = client.predict(
+        MODEL, refs, "circle, square", "a red circle and a blue square", "0,0.2,0.5,0.8; 0.5,0.2,1,0.8", 0, STEPS,
+        7.5, 64, 64, False, True, [handle_file(str(p)) for p in photos], api_name="/subjects")
+    assert "reference photo 1 (96x96) resized to 64x64" in info
+    saved = json.loads(Path(params).read_text())
+    assert saved["real_references"] is True and saved["options"] == {"reposition": False, "isolate": True}
+    with pytest.raises(AppError, match="1 reference photos for 2 reference prompts"):
+        client.predict(MODEL, refs, "circle, square", "a red circle and a blue square", "", 0, STEPS, 7.5, 64, 64,
+                       True, True, [handle_file(str(photos[0]))], api_name="/subjects")
     with pytest.raises(AppError, match="1 scene boxes for 2 subjects"):
         client.predict(MODEL, refs, "circle, square", "a red circle and a blue square", "0,0,1,1", 0, STEPS, 7.5,
                        64, 64, api_name="/subjects")
