@@ -593,8 +593,11 @@ class AttnEditApp:
                 pngs, self.outputs.jobs(model, [job]))
 
     def edit(self, model: str, image: Image.Image | None, source: str, target: str, steps: float, guidance: float,
-             progress: gr.Progress = PROGRESS):
-        """Real-image edit: invert the upload, then denoise source and target with MasaCtrl."""
+             mask_word: str = "", progress: gr.Progress = PROGRESS):
+        """Real-image edit: invert the upload, then denoise source and target with MasaCtrl.
+
+        `mask_word`: a word of both prompts whose cross-attention separates foreground and background.
+        """
         source = (source or "").strip()
         target = _prompt(target, "target prompt")
         n_steps = _int(steps, "steps", 1, MAX_STEPS)
@@ -603,7 +606,9 @@ class AttnEditApp:
             fitted, notes = fit_upload(image, pipe.default_size(), pipe.pixel_stride)
             progress(0.0, desc="inverting the image")
             start = time.perf_counter()
-            result = pipe.edit(fitted, source, target, steps=n_steps, guidance=settings.guidance,
+            word = (mask_word or "").strip()
+            control = attnedit.make_control("masactrl", {"mask_words": word} if word else {})
+            result = pipe.edit(fitted, source, target, control=control, steps=n_steps, guidance=settings.guidance,
                                controls=[_progress(progress, "editing")])
             seconds = time.perf_counter() - start
         notes += list(result.records.get("inversion", {}).get("notes", []))
@@ -847,6 +852,8 @@ class AttnEditApp:
                                 e_steps = gr.Slider(1, MAX_STEPS, value=4, step=1, label="Steps")
                                 e_guidance = gr.Slider(0.0, 20.0, value=probe.family.default_guidance, step=0.5,
                                                        label="Guidance")
+                            e_mask = gr.Textbox(label="Mask word (optional: foreground from its attention)",
+                                                value="")
                             e_go = gr.Button("Invert and edit", variant="primary")
                             e_info = gr.Markdown(label="Edit info")
                         with gr.Column():
@@ -854,7 +861,7 @@ class AttnEditApp:
                             with gr.Row():
                                 e_png = gr.DownloadButton("Download PNG")
                                 e_job = gr.DownloadButton("Download parameters (JSON)")
-                    e_go.click(readable(self.edit), [model, e_image, e_source, e_target, e_steps, e_guidance],
+                    e_go.click(readable(self.edit), [model, e_image, e_source, e_target, e_steps, e_guidance, e_mask],
                                [e_gallery, e_info, e_png, e_job], api_name="edit", **run)
 
             if "reposition" in self.controls:

@@ -220,6 +220,12 @@ def test_edit_resizes_a_large_upload_and_says_so(served, client, tmp_path):
     assert [g["caption"] for g in gallery] == ["reconstruction", "edit"]
     assert Image.open(png).size == (64, 40)
     assert json.loads(Path(params).read_text())["edit"]["targets"] == ["a blue circle"]
+    gallery, *_ = client.predict(MODEL, handle_file(str(big)), "a red circle", "a blue circle", STEPS, 7.5, "circle",
+                                 api_name="/edit")
+    assert len(gallery) == 2
+    with pytest.raises(AppError, match="word 'zebra' is not in the prompt"):
+        client.predict(MODEL, handle_file(str(big)), "a red circle", "a blue circle", STEPS, 7.5, "zebra",
+                       api_name="/edit")
     with pytest.raises(AppError, match="upload an image first"):
         client.predict(MODEL, None, "a red circle", "a blue circle", STEPS, 7.5, api_name="/edit")
 

@@ -19,6 +19,7 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPO = Path(__file__).resolve().parent.parent
+MODEL = os.environ.get("ATTNEDIT_APP_TEST_MODEL", "tiny-sd")  # shapes-sd for the README screenshot
 OUTPUT = Path(os.environ.get("ATTNEDIT_TEST_OUTPUT", REPO / "outputs" / "tests")) / "app"
 
 
@@ -83,7 +84,7 @@ def test_page_generates_an_image_in_headless_chromium(tmp_path):
 
     from apps.app import build_app, launch
 
-    demo = build_app(["tiny-sd"])
+    demo = build_app([MODEL])
     url = launch(demo, "127.0.0.1", _free_port(), block=False)
     OUTPUT.mkdir(parents=True, exist_ok=True)
     shot = OUTPUT / "app.png"
