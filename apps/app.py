@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,23 @@ def _int(value: Any, what: str, lo: int, hi: int) -> int:
     return int(number)
 
 
+def _guidance(value: Any) -> float:
+    try:
+        g = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"guidance must be a number, got {value!r}") from err
+    if not 0.0 <= g <= 30.0:
+        raise ValueError(f"guidance must be from 0 to 30, got {g}")
+    return g
+
+
+def _params(result: attnedit.Result, **extra: Any) -> dict[str, Any]:
+    """A result's parameters for the JSON download, without the app's own progress reporter."""
+    params = {**result.params, **extra}
+    params["controls"] = [c for c in params.get("controls", []) if c.get("name") != _StepProgress.name]
+    return params
+
+
 @dataclass
 class Settings:
     """The generation parameters common to every tab, checked against the app's limits."""
@@ -169,16 +186,10 @@ class Settings:
     @classmethod
     def parse(cls, seed: Any, steps: Any, guidance: Any, height: Any, width: Any,
               negative_prompt: str | None = None) -> Settings:
-        try:
-            g = float(guidance)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"guidance must be a number, got {guidance!r}") from err
-        if not 0.0 <= g <= 30.0:
-            raise ValueError(f"guidance must be from 0 to 30, got {g}")
         return cls(
             seed=_int(seed, "seed", 0, 2**32 - 1),
             steps=_int(steps, "steps", 1, MAX_STEPS),
-            guidance=g,
+            guidance=_guidance(guidance),
             height=_int(height, "height", 8, MAX_SIDE),
             width=_int(width, "width", 8, MAX_SIDE),
             negative_prompt=(negative_prompt or "").strip() or None,
@@ -269,7 +280,6 @@ class MapsSession:
     image: Image.Image
     steps: int
     self_grid: tuple[int, int] | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def _self_layers(latent_hw: tuple[int, int]) -> Callable[[Any], bool]:
@@ -601,20 +611,20 @@ class AttnEditApp:
         source = (source or "").strip()
         target = _prompt(target, "target prompt")
         n_steps = _int(steps, "steps", 1, MAX_STEPS)
-        settings = Settings.parse(0, n_steps, guidance, 8, 8)
+        scale = _guidance(guidance)
         with self.pool.use(model) as pipe:
             fitted, notes = fit_upload(image, pipe.default_size(), pipe.pixel_stride)
             progress(0.0, desc="inverting the image")
             start = time.perf_counter()
             word = (mask_word or "").strip()
             control = attnedit.make_control("masactrl", {"mask_words": word} if word else {})
-            result = pipe.edit(fitted, source, target, control=control, steps=n_steps, guidance=settings.guidance,
+            result = pipe.edit(fitted, source, target, control=control, steps=n_steps, guidance=scale,
                                controls=[_progress(progress, "editing")])
             seconds = time.perf_counter() - start
         notes += list(result.records.get("inversion", {}).get("notes", []))
         h, w = result.records.get("inversion", {}).get("size", [fitted.height, fitted.width])
         info = f"{n_steps} steps, {h}x{w}: **{seconds:.2f} s**" + "".join(f"\n\n_{n}_" for n in notes)
-        params = {**result.params, "inversion": {k: v for k, v in result.records.get("inversion", {}).items()}}
+        params = _params(result, inversion=dict(result.records.get("inversion", {})))
         gallery = [(result.images[0], "reconstruction"), *((im, "edit") for im in result.images[1:])]
         return gallery, info, self.outputs.png(result.images[-1], "edit"), self.outputs.json(params, "edit")
 
@@ -651,8 +661,8 @@ class AttnEditApp:
         images = list(result.images)
         if target_boxes:
             images[-1] = draw_boxes(images[-1], target_boxes, words)
-        params = {**result.params, "subjects": words, "target_boxes": target_boxes, "options": options,
-                  "real_references": photos is not None}
+        params = _params(result, subjects=words, target_boxes=target_boxes, options=options,
+                         real_references=photos is not None)
         extra = f" ({len(images)} images)" + "".join(f"\n\n_{n}_" for n in notes)
         return (list(zip(images, captions)), _timing(seconds, settings, extra),
                 self.outputs.png(result.images[-1], "scene"), self.outputs.json(params, "ir-diffusion"))

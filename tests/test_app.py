@@ -219,7 +219,9 @@ def test_edit_resizes_a_large_upload_and_says_so(served, client, tmp_path):
     assert "resized to 64x40" in info
     assert [g["caption"] for g in gallery] == ["reconstruction", "edit"]
     assert Image.open(png).size == (64, 40)
-    assert json.loads(Path(params).read_text())["edit"]["targets"] == ["a blue circle"]
+    saved = json.loads(Path(params).read_text())
+    assert saved["edit"]["targets"] == ["a blue circle"]
+    assert [c["name"] for c in saved["controls"]] == ["masactrl", "follow_trajectory"]  # no app-progress
     gallery, *_ = client.predict(MODEL, handle_file(str(big)), "a red circle", "a blue circle", STEPS, 7.5, "circle",
                                  api_name="/edit")
     assert len(gallery) == 2
