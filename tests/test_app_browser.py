@@ -2,7 +2,8 @@
 
 Opens the page, types a prompt, clicks Generate, waits for the image, checks it appeared and
 saves a screenshot (under `outputs/tests/app/`, or $ATTNEDIT_TEST_OUTPUT); then clicks a pixel of
-the Attention maps image for its self-attention and draws a box on the Multi-subject canvas. In CI (CI=true) a
+the Attention maps image for its self-attention, draws a box on the Multi-subject canvas and
+checks that a bad size shows its reason in the page. In CI (CI=true) a
 missing browser or Playwright fails the test; elsewhere it skips.
 """
 
@@ -78,6 +79,15 @@ def _draw_a_box_on_the_canvas(page) -> None:
     assert x0 < x1 and y0 < y1 and 0.0 <= x0 and x1 <= 1.0
 
 
+def _a_bad_size_shows_its_reason(page) -> None:
+    page.get_by_role("tab", name="Generate").click()
+    width = page.get_by_label("Width (multiple of 8)").first
+    width.fill("60")
+    width.press("Enter")
+    page.locator("#generate-button").click()
+    page.get_by_text("is not a positive multiple of 8").first.wait_for(state="visible", timeout=30_000)
+
+
 def test_page_generates_an_image_in_headless_chromium(tmp_path):
     _browser_or_fail()
     from playwright.sync_api import sync_playwright
@@ -117,6 +127,7 @@ def test_page_generates_an_image_in_headless_chromium(tmp_path):
                 _click_a_pixel_for_its_self_attention(page)
                 if page.get_by_role("tab", name="Multi-subject").count():
                     _draw_a_box_on_the_canvas(page)
+                _a_bad_size_shows_its_reason(page)
             finally:
                 browser.close()
     finally:
