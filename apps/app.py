@@ -740,7 +740,9 @@ class AttnEditApp:
         stride = probe.pixel_stride
         run = dict(concurrency_id=RUNS, concurrency_limit=self.concurrency)
 
-        def settings_row(tab: str, steps: int = 4) -> list[gr.components.Component]:
+        model_steps = min(MAX_STEPS, probe.default_steps())
+
+        def settings_row(tab: str, steps: int = model_steps) -> list[gr.components.Component]:
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
                 n_steps = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps", elem_id=f"{tab}-steps")
@@ -859,7 +861,7 @@ class AttnEditApp:
                             e_source = gr.Textbox(label="What the image shows (source prompt)", value="a red circle")
                             e_target = gr.Textbox(label="Target prompt", value="a red circle on the left")
                             with gr.Row():
-                                e_steps = gr.Slider(1, MAX_STEPS, value=4, step=1, label="Steps")
+                                e_steps = gr.Slider(1, MAX_STEPS, value=model_steps, step=1, label="Steps")
                                 e_guidance = gr.Slider(0.0, 20.0, value=probe.family.default_guidance, step=0.5,
                                                        label="Guidance")
                             e_mask = gr.Textbox(label="Mask word (optional: foreground from its attention)",
