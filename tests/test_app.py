@@ -91,16 +91,24 @@ def test_generate_bad_size_and_foreign_model_are_refused_with_the_reason(client)
                        api_name="/generate")
 
 
-def test_generate_speedup_toggle_changes_the_job(served, client):
+def test_generate_speedup_toggles_build_their_controls(served, client):
     app, _ = served
     if "todo" not in app.controls:
         with pytest.raises(AppError, match="not available"):
             gen(client, todo=True)
         return
-    _, info, _, jobs = gen(client, todo=True)
+    agent = "agent" in app.controls
+    image, info, _, jobs = client.predict(MODEL, "a red circle and a blue square", "", 0, STEPS, 7.5, 64, 64, True,
+                                          2, agent, False, api_name="/generate")
     assert "todo" in info
     job = json.loads(Path(jobs).read_text().splitlines()[1])
-    assert job["controls"][0]["name"] == "todo" and job["controls"][0]["factor"] == 2
+    assert [c["name"] for c in job["controls"]] == ["todo", *(["agent"] if agent else [])]
+    assert job["controls"][0]["factor"] == 2
+    assert not np.array_equal(pixels(image), pixels(gen(client, seed=0)[0]))  # the toggles did act
+    if "clear" not in app.speedups():  # CLEAR needs a trained adapter, which tiny-sd has not
+        with pytest.raises(AppError, match="'clear' is not available"):
+            client.predict(MODEL, "a red circle", "", 0, STEPS, 7.5, 64, 64, False, 2, False, True,
+                           api_name="/generate")
 
 
 def test_attention_maps_tab_step_slider_and_pixel_self_attention(client):
