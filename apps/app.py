@@ -456,7 +456,7 @@ class AttnEditApp:
         """Prompt -> image, PNG and job JSON downloads, and how long the run took."""
         prompt = _prompt(prompt)
         settings = Settings.parse(seed, steps, guidance, height, width, negative_prompt)
-        controls = self._speed_controls(todo=todo, todo_factor=todo_factor, agent=agent, clear=clear)
+        controls = self._speed_controls(model, todo=todo, todo_factor=todo_factor, agent=agent, clear=clear)
         with self.pool.use(model) as pipe:
             start = time.perf_counter()
             result = pipe.generate(prompt, controls=[*controls, _progress(progress, "generating")],
@@ -467,15 +467,19 @@ class AttnEditApp:
         job = job_of(result.params, controls)
         return result.image, info, self.outputs.png(result.image), self.outputs.jobs(model, [job])
 
-    def _speed_controls(self, *, todo: bool, todo_factor: float, agent: bool, clear: bool) -> list[attnedit.Control]:
+    def _speed_controls(self, model: str, *, todo: bool, todo_factor: float, agent: bool,
+                        clear: bool) -> list[attnedit.Control]:
         wanted = {"todo": bool(todo), "agent": bool(agent), "clear": bool(clear)}
         controls = []
         for name, on in wanted.items():
             if not on:
                 continue
-            if name not in self.speedups():
+            if name not in self.controls:
                 raise ValueError(f"the speed-up {name!r} is not available in this attnedit build; "
                                  f"available: {', '.join(self.speedups()) or 'none'}")
+            if name == "clear" and not self.has_clear_adapter(self.pool.check(model)):
+                raise ValueError(f"CLEAR needs a trained adapter and model {model!r} has none "
+                                 "(load one with attnedit.load(..., clear=path))")
             options = {"factor": _int(todo_factor, "ToDo factor", 1, 8)} if name == "todo" else {}
             controls.append(attnedit.make_control(name, options))
         return controls
