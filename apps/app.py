@@ -751,8 +751,10 @@ class AttnEditApp:
                 seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
                 n_steps = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps", elem_id=f"{tab}-steps")
                 guidance = gr.Slider(0.0, 20.0, value=probe.family.default_guidance, step=0.5, label="Guidance")
-                height = gr.Number(value=dh, precision=0, label=f"Height (multiple of {stride})", step=stride)
-                width = gr.Number(value=dw, precision=0, label=f"Width (multiple of {stride})", step=stride)
+                height = gr.Number(value=dh, precision=0, label=f"Height (multiple of {stride})", step=stride,
+                                   elem_id=f"{tab}-height")
+                width = gr.Number(value=dw, precision=0, label=f"Width (multiple of {stride})", step=stride,
+                                  elem_id=f"{tab}-width")
             return [seed, n_steps, guidance, height, width]
 
         with gr.Blocks(title="attnedit", analytics_enabled=False) as demo:

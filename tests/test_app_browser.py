@@ -20,7 +20,9 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPO = Path(__file__).resolve().parent.parent
-MODEL = os.environ.get("ATTNEDIT_APP_TEST_MODEL", "tiny-sd")  # shapes-sd for the README screenshot
+# the README screenshot: ATTNEDIT_APP_TEST_MODEL=shapes-sd ATTNEDIT_APP_TEST_STEPS=25
+MODEL = os.environ.get("ATTNEDIT_APP_TEST_MODEL", "tiny-sd")
+STEPS = os.environ.get("ATTNEDIT_APP_TEST_STEPS", "2")
 OUTPUT = Path(os.environ.get("ATTNEDIT_TEST_OUTPUT", REPO / "outputs" / "tests")) / "app"
 
 
@@ -81,11 +83,11 @@ def _draw_a_box_on_the_canvas(page) -> None:
 
 def _a_bad_size_shows_its_reason(page) -> None:
     page.get_by_role("tab", name="Generate").click()
-    width = page.get_by_label("Width (multiple of 8)").first
-    width.fill("60")
+    width = page.locator("#generate-width input")
+    width.fill("61")
     width.press("Enter")
     page.locator("#generate-button").click()
-    page.get_by_text("is not a positive multiple of 8").first.wait_for(state="visible", timeout=30_000)
+    page.get_by_text("61 is not a positive multiple of").first.wait_for(state="visible", timeout=30_000)
 
 
 def test_page_generates_an_image_in_headless_chromium(tmp_path):
@@ -109,7 +111,7 @@ def test_page_generates_an_image_in_headless_chromium(tmp_path):
                 page.goto(url, wait_until="domcontentloaded")
                 page.locator("#prompt textarea").fill("a green triangle and a red circle")
                 steps = page.locator("#generate-steps input[type=number]")
-                steps.fill("2")
+                steps.fill(STEPS)
                 steps.press("Enter")
                 assert page.locator("#generate-image img").count() == 0  # nothing before the click
                 page.locator("#generate-button").click()
@@ -121,7 +123,7 @@ def test_page_generates_an_image_in_headless_chromium(tmp_path):
                     timeout=30_000,
                 )
                 info = page.locator("#generate-info").inner_text()
-                assert "2 steps" in info and "64x64" in info, info
+                assert f"{STEPS} steps" in info and "64x64" in info, info
                 assert "/gradio_api/file=" in (image.get_attribute("src") or "")
                 page.screenshot(path=str(shot), full_page=True)
                 _click_a_pixel_for_its_self_attention(page)
