@@ -5,9 +5,10 @@
 Single-object prompts: every (colour, shape) pair of the world, ``--seeds`` images each; the sample
 counts when the detector finds the requested object (right shape AND colour). Two- and three-object
 prompts: captions of the world's "pair" and "triple" styles (world seed 99); a sample counts when all
-named objects are present. Also prints attribute binding (colour on the right shape) and the share of
-samples where some named object is missing (neglect). Why plain diffusers: these are the numbers of
-the model itself, the baseline every attention-control method is compared against.
+named objects are present. "exact" also requires nothing else to be detected. Also prints
+attribute binding (colour on the right shape) and the share of samples where some named object is
+missing (neglect). Why plain diffusers: these are the numbers of the model itself, the baseline
+every attention-control method is compared against.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from attnedit.testbed.detector import all_present, attribute_binding, detect, object_recall
-from attnedit.testbed.world import COLOURS, SHAPES, World
+from attnedit.testbed.world import COLOURS, SHAPES, World, parse_prompt
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, chunk: int) -> list:
@@ -42,9 +43,12 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     images = generate(pipe, prompts, seeds, steps, guidance, chunk)
     found = [detect(im) for im in images]
     present = [all_present(p, f) for p, f in zip(prompts, found)]
+    # exact: the detected objects are the requested ones and nothing else (no extra blobs, no unknowns)
+    exact = [sorted(d.label for d in f) == sorted(parse_prompt(p).objects) for p, f in zip(prompts, found)]
     recall = [object_recall(p, f) for p, f in zip(prompts, found)]
     binding = [b for b in (attribute_binding(p, f) for p, f in zip(prompts, found)) if b is not None]
-    return {"n": len(prompts), "all_present": float(np.mean(present)), "object_recall": float(np.mean(recall)),
+    return {"n": len(prompts), "exact": float(np.mean(exact)), "all_present": float(np.mean(present)),
+            "object_recall": float(np.mean(recall)),
             "binding": float(np.mean(binding)) if binding else None,
             "neglect": float(np.mean([r < 1.0 for r in recall])), "images": images}
 
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         res["seconds"] = round(time.perf_counter() - t0, 1)
         rows[name] = res
         binding = "n/a" if res["binding"] is None else f"{res['binding']:.1%}"
-        print(f"{name:<7} n={res['n']:<4} all named objects present {res['all_present']:.1%}  "
+        print(f"{name:<7} n={res['n']:<4} exact {res['exact']:.1%}  "
+              f"all named objects present {res['all_present']:.1%}  "
               f"object recall {res['object_recall']:.1%}  binding {binding}  neglect {res['neglect']:.1%}  "
               f"({res['seconds']} s)", flush=True)
     if args.json:
