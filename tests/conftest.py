@@ -16,6 +16,11 @@ import torch
 FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart")
 
 
+# Small CPU ops run many times faster on one thread than on two on a busy 2-core machine (thread
+# hand-off dominates); every test is small, so the whole suite runs single-threaded.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Every tiny pipeline saved with save_pretrained into one folder per family."""
