@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class Controller:
         self.pipe = pipe
         self.family: Family = family_of(pipe)
         self.denoiser: torch.nn.Module = denoiser if denoiser is not None else getattr(pipe, self.family.denoiser)
-        self.registry = build_registry(self.denoiser, self.family.name)
+        self.registry = _registry(self.denoiser, self.family.name)
         self.controls = list(controls)
         self.run = Run(pipe=pipe, family=self.family, registry=self.registry)
         # per-forward state
@@ -467,6 +468,18 @@ class Controller:
                 row["grid"] = info.grid(latent_hw, self.registry.patch)
             rows.append(row)
         return rows
+
+
+_REGISTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _registry(denoiser: torch.nn.Module, family: str) -> LayerRegistry:
+    """The layer registry of a denoiser, built once: module names do not change between runs."""
+    cached = _REGISTRIES.get(denoiser)
+    if cached is None or cached.family != family:
+        cached = build_registry(denoiser, family)
+        _REGISTRIES[denoiser] = cached
+    return cached
 
 
 def _windows_overlap(a: Control, b: Control, num_steps: int | None) -> bool:
