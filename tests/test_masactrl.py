@@ -47,7 +47,8 @@ def test_sources_identical_targets_changed(sd):
     plain = sd.generate(PROMPTS, seed=[5] * 3, layout=_layout3())
     on = consistent(sd, PROMPTS[0], PROMPTS[1:], seed=5, control=MasaCtrl(start_step=0, start_layer=0))
     assert _same(on.images[0], plain.images[0])
-    assert _same(on.images[0], sd.generate(PROMPTS[0], seed=5).images[0])  # also alone
+    alone = sd.generate(PROMPTS[0], seed=5).images[0]  # alone: other batch size, CPU kernels may round differently
+    assert np.abs(_arr(on.images[0]) - _arr(alone)).max() <= 2
     assert all(not _same(a, b) for a, b in zip(on.images[1:], plain.images[1:]))  # the control acts
     assert on.records["masactrl"]["reads_from"] == {1: 0, 2: 0, 4: 3, 5: 3}  # per CFG half
 
