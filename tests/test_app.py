@@ -207,8 +207,10 @@ def test_consistent_source_is_the_plain_image_and_bad_mask_word_is_refused(serve
     assert [g["caption"] for g in gallery] == ["source: a red circle", "target: a red circle on the left",
                                                "target: a red circle on the right"]
     assert len(files) == 3 and "3 images" in info
-    # MasaCtrl never touches the source row: it is the plain image of its prompt and seed
-    assert np.array_equal(pixels(gallery[0]["image"]), pixels(gen(client, "a red circle", seed=5)[0]))
+    # MasaCtrl never touches the source row: it is the plain image of its prompt and seed (generated
+    # alone here, in a batch of 3 there: CPU kernels may round differently by one or two levels)
+    alone = pixels(gen(client, "a red circle", seed=5)[0]).astype(int)
+    assert np.abs(pixels(gallery[0]["image"]).astype(int) - alone).max() <= 2
     job = json.loads(Path(jobs).read_text().splitlines()[1])
     assert job["together"] is True and job["prompts"][0] == "a red circle" and job["controls"][0]["name"] == "masactrl"
     with pytest.raises(AppError, match="word 'zebra' is not in the prompt"):
