@@ -121,3 +121,12 @@ def test_bundled_shapes_sd_draws_the_requested_objects():
     images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
     hits = [all_present(p, detect(im)) for p, im in zip(prompts, images)]
     assert sum(hits) >= 6, list(zip(prompts, hits))
+
+
+def test_testbed_train_is_on_the_command_line(capsys):
+    from attnedit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["testbed", "train", "--help"])
+    assert exit_info.value.code == 0
+    assert "--vae-steps" in capsys.readouterr().out

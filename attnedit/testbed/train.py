@@ -229,8 +229,8 @@ def save_pipeline(out: Path, vae, text, unet, tok, scale: float, meta: dict) -> 
     (out / "attnedit.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="attnedit testbed train", description=__doc__,
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="attnedit testbed train", description=__doc__, add_help=add_help,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="assets/models/shapes-sd", help="pipeline folder to write")
     ap.add_argument("--work", default="/tmp/testbed-work", help="checkpoints, sample grids, log")
@@ -249,7 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=500, help="sample grid + checkpoint period")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
