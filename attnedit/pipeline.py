@@ -3,7 +3,8 @@
 `EditPipeline` wraps a stock diffusers pipeline (reachable as `.pipe`): each `generate` call
 installs the controls, runs the pipeline's own denoising loop, and puts the original processors
 back in a `finally` block, so the pipeline is exactly as it was afterwards, also when a control
-raised. Seeds are per image (one generator each), so an image never depends on its batch.
+raised. Seeds are per image (one generator each), so an image does not depend on its batch (on CPU,
+kernels may round a pixel by a level or two differently at another batch size).
 """
 
 from __future__ import annotations
