@@ -323,7 +323,7 @@ class Controller:
         else:
             sched_idx = self._schedule_index(t_val)
             if sched_idx is not None:
-                new_run = self.timestep is None or (sched_idx <= self.step and self._saw_step)
+                new_run = self.timestep is None or sched_idx <= self.step
                 new_step = sched_idx
             else:
                 new_run = self.timestep is None or t_val > self.timestep
@@ -333,7 +333,6 @@ class Controller:
                 self._start_stock_run()
         self.timestep = t_val
         self.step = new_step
-        self._saw_step = True
         if self.run.num_steps is None:
             sched = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
             if sched is not None and len(sched):
@@ -342,8 +341,6 @@ class Controller:
         if self.phase == "denoise":
             for c in self.controls:
                 c.begin_step(self.run, self.step)
-
-    _saw_step = False
 
     def _schedule_index(self, t_val: float) -> int | None:
         sched = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)

@@ -406,7 +406,7 @@ class GuidanceControl(Control):
         ctrl = run.pipe._attnedit_controller
         t = run.pipe.scheduler.timesteps[step]
         b = z.shape[0]
-        saved = (ctrl.timestep, ctrl.step, ctrl.t, ctrl._saw_forward, ctrl._saw_step)
+        saved = (ctrl.timestep, ctrl.step, ctrl.t, ctrl._saw_forward)
         self.state.maps = {}
         self.state.in_pass = True
         try:
@@ -418,7 +418,7 @@ class GuidanceControl(Control):
         finally:
             self.state.in_pass = False
             # the guidance pass must not count as the denoising forward of this timestep
-            ctrl.timestep, ctrl.step, ctrl.t, ctrl._saw_forward, ctrl._saw_step = saved
+            ctrl.timestep, ctrl.step, ctrl.t, ctrl._saw_forward = saved
             ctrl._active_cache = None
         missing = [n for n in self.state.layer_names if n not in self.state.maps]
         if missing:

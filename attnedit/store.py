@@ -112,10 +112,7 @@ class AttentionStore(Control):
 
     # ---------------------------------------------------------------------------------- reading
     def _tokens(self, sample: int):
-        return self._run.tokens_of_sample(self._sample_of_row(sample))
-
-    def _sample_of_row(self, sample: int) -> int:
-        return sample
+        return self._run.tokens_of_sample(sample)
 
     def grids(self) -> list[tuple[int, int]]:
         return sorted(set(self.state.grids.values()), key=lambda g: -g[0] * g[1])
