@@ -15,7 +15,9 @@ Rules (the same for boxes and masks, so a box and its filled mask give identical
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,9 +44,22 @@ def check_boxes(boxes: Sequence[Sequence[float]], what: str = "box") -> list[Box
 
 
 def to_mask(mask: Any) -> torch.Tensor:
-    """A float (H, W) tensor in [0, 1] from a tensor, numpy array or PIL image."""
-    from PIL import Image
+    """A float (H, W) tensor in [0, 1] from a tensor, numpy array, PIL image or image file path.
 
+    Paths let a mask drawn by hand travel in JSON (batch job files, sidecars) as a PNG next to it
+    (white = 1); any image mode is read as its grey level.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(mask, (str, os.PathLike)):
+        path = Path(mask)
+        if not path.is_file():
+            raise ValueError(f"mask file {str(path)!r} does not exist")
+        try:
+            with Image.open(path) as im:
+                mask = im.convert("L")
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"mask file {str(path)!r} is not an image ({err})") from None
     if isinstance(mask, Image.Image):
         arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
         return torch.from_numpy(arr)

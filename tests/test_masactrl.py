@@ -223,6 +223,35 @@ def test_step_window_fraction_and_ints():
     assert MasaCtrl(start_step=2, end_step=3).steps == Steps(2, 3)
 
 
+def test_masks_from_png_files_equal_the_same_masks_as_arrays(sd, tmp_path):
+    """A hand-drawn mask saved as a PNG (how the app and batch job files carry it) acts exactly
+    like the array it was saved from; bad files are refused before denoising, by name."""
+    from PIL import Image
+
+    fg = np.zeros((64, 64), dtype=np.uint8)
+    fg[8:40, 16:56] = 255
+    Image.fromarray(fg, "L").save(tmp_path / "mask.png")
+    Image.fromarray(fg[:32], "L").save(tmp_path / "small.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    masks = [fg / 255.0] * 3
+    files = [str(tmp_path / "mask.png")] * 3
+    plain = consistent(sd, PROMPTS[0], PROMPTS[1:], seed=3, control=MasaCtrl(start_step=0))
+    arrays = consistent(sd, PROMPTS[0], PROMPTS[1:], seed=3, control=MasaCtrl(start_step=0, masks=masks))
+    paths = consistent(sd, PROMPTS[0], PROMPTS[1:], seed=3, control=MasaCtrl(start_step=0, masks=files))
+    assert all(_same(a, b) for a, b in zip(arrays.images, paths.images))
+    assert not _same(paths.images[1], plain.images[1])  # the mask did act on the target
+    assert MasaCtrl(masks=files).options()["masks"] == files  # JSON-able: the sidecar can replay it
+    with pytest.raises(ValueError, match="mask 1 has size \\(32, 64\\)"):
+        consistent(sd, PROMPTS[0], PROMPTS[1:], control=MasaCtrl(masks=[files[0], str(tmp_path / "small.png"),
+                                                                        files[0]]))
+    with pytest.raises(ValueError, match="mask file .*nothing.png' does not exist"):
+        consistent(sd, PROMPTS[0], PROMPTS[1:], control=MasaCtrl(masks=[str(tmp_path / "nothing.png")] * 3))
+    with pytest.raises(ValueError, match="junk.png' is not an image"):
+        consistent(sd, PROMPTS[0], PROMPTS[1:], control=MasaCtrl(masks=[str(tmp_path / "junk.png")] * 3))
+    with pytest.raises(ValueError, match="one mask per image"):
+        MasaCtrl(masks=files[0])
+
+
 def test_bad_input_raises_before_denoising(sd):
     calls = []
     handle = sd.denoiser.register_forward_pre_hook(lambda *a: calls.append(1))

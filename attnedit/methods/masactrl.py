@@ -32,6 +32,7 @@ Where attnedit differs from the official code (TencentARC/MasaCtrl, d0ba16b):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,8 +74,10 @@ class MasaCtrl(Control):
     - `start_layer`: official "start layer" L, i.e. transformer-block index >= L; default: the
       family default (SD1.x: the two finest decoder levels = L 10; SDXL: the spec's L = 44 set).
     - `masks`: one foreground mask per image of the call (H x W at the image size) for the
-      mask-guided variant; `mask_words`: a word (or one per image) whose cross-attention gives
-      the masks automatically, binarised at `mask_threshold` (official 0.1).
+      mask-guided variant: arrays, tensors, PIL images or PNG paths (white = foreground; a path
+      keeps a hand-drawn mask replayable from JSON); `mask_words`: a word (or one per image)
+      whose cross-attention gives the masks automatically, binarised at `mask_threshold`
+      (official 0.1).
     - `union`: the Union variant: targets read their source's *and their own* keys/values
       (2N keys; sources keep exactly their own through region labels). This one does add
       attention work (twice the keys at the controlled layers). UNet/PixArt self-attention only.
@@ -85,6 +88,8 @@ class MasaCtrl(Control):
     phases = ("denoise",)
     #: an image depends on the other images of its call (targets read their source)
     cross_sample = True
+    #: options that may hold file paths (mask PNGs); batch job files resolve them against their folder
+    file_options = ("masks",)
 
     def __init__(
         self,
@@ -105,6 +110,8 @@ class MasaCtrl(Control):
             raise ValueError("give either layers= or start_layer, not both")
         if start_layer is not None and (not isinstance(start_layer, int) or start_layer < 0):
             raise ValueError(f"start_layer must be a non-negative int, got {start_layer!r}")
+        if isinstance(masks, (str, bytes, os.PathLike)):
+            raise ValueError("masks is a list with one mask per image of the call, e.g. [path, path]")
         if masks is not None and mask_words is not None:
             raise ValueError("give either masks= (explicit) or mask_words= (automatic), not both")
         if not 0.0 <= float(mask_threshold) <= 1.0:
