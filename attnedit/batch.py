@@ -17,6 +17,20 @@ and `together: true` to make a job's prompts in one call from one seed, the firs
 of the others (MasaCtrl). Values come from the job, then the CLI flags, then the `defaults`
 block, then the model.
 
+Jobs that read files (every path is relative to the job file's folder and checked before anything
+runs; an image's key includes the files' contents, so an edited file is made again):
+- real-image edit: `image` (a photo) with `source_prompt` (what it shows); `prompt`/`prompts` are
+  the targets. The image is inverted and denoised as the source (its reconstruction, made too)
+  and the targets; the first control is the edit's control (default MasaCtrl). Size and noise come
+  from the image: no `size`, `seed(s)` or `together`.
+- IR-Diffusion: `prompt` is the scene and `references: {prompts: [...], subjects: [...], boxes:
+  [[x0, y0, x1, y1], ...], images: [ref.png, ...], options: {isolate: true, ...}}` its subjects
+  (one reference prompt and one subject word each; `boxes`, where each goes in the scene, and
+  `images`, real reference photos, are optional; `options` are RepositionAttention's).
+- control options that name files (MasaCtrl `masks: [mask.png, ...]`, white = foreground).
+- `concepts` (defaults only: one model per run): AttenCraft tokens loaded with the model
+  (`attnedit.load(model, concepts=path)`).
+
 Why it is built this way:
 - Every image is one *unit* with a content key (model, prompt, seed, settings): its file name is
   `<id or prompt>-s<seed>-<key>.png`, so reruns and workers agree on names without talking.
@@ -50,8 +64,10 @@ from typing import Any
 MANIFEST = "manifest.jsonl"
 SIDECAR_TAG = "attnedit_batch"  # marks sidecars written by this module (with the image key)
 JOB_KEYS = ("id", "prompt", "prompts", "negative_prompt", "seeds", "seed", "size", "height", "width", "steps",
-            "guidance", "controls", "maps", "together")
-DEFAULT_KEYS = (*(k for k in JOB_KEYS if k not in ("id", "prompt", "prompts")), "model")
+            "guidance", "controls", "maps", "together", "image", "source_prompt", "references")
+_JOB_ONLY = ("id", "prompt", "prompts", "image", "source_prompt", "references")  # what one job makes
+DEFAULT_KEYS = (*(k for k in JOB_KEYS if k not in _JOB_ONLY), "model", "concepts")
+REFERENCE_KEYS = ("prompts", "subjects", "boxes", "images", "options")
 _SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
 
 
@@ -88,6 +104,7 @@ class Unit:
     stem: str
     group: str | None = None  # images of a `together` job made in one call (one group per seed)
     role: str = "plain"  # "source" (its first prompt) or "target" inside a group
+    base: Path | None = None  # the job file's folder: relative file names in `settings` are read from it
 
     def signature(self) -> str:
         return json.dumps(self.settings, sort_keys=True)
@@ -139,6 +156,59 @@ def file_model(path: str | os.PathLike) -> str | None:
     """The `model` of the file's defaults block, if any."""
     model = read_jobs(path)[0].get("model")
     return model if isinstance(model, str) else None
+
+
+def file_concepts(path: str | os.PathLike) -> Path | None:
+    """The AttenCraft concepts (`defaults.concepts`) the model of this job file is loaded with, checked."""
+    value = read_jobs(path)[0].get("concepts")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{path}: defaults.concepts must be the path of a concepts file or folder, got {value!r}")
+    found = _resolve(Path(path).parent, value)
+    if not found.exists():
+        raise ValueError(f"{path}: defaults.concepts {value!r} does not exist (looked for {found})")
+    return found
+
+
+def _load_options(path: str | os.PathLike) -> dict[str, Any]:
+    """`attnedit.load` options the job file asks for (its concepts)."""
+    concepts = file_concepts(path)
+    return {"concepts": str(concepts)} if concepts is not None else {}
+
+
+def _resolve(base: Path | None, name: str | os.PathLike) -> Path:
+    """A file named in a job file: absolute, or relative to the job file's folder."""
+    path = Path(name).expanduser()
+    return path if path.is_absolute() or base is None else base / path
+
+
+def _file_digest(path: Path) -> str:
+    """Content digest of a file (or of every file of a folder) for image keys."""
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _input_file(base: Path | None, name: Any, what: str, files: dict[str, str]) -> Path:
+    """Check a file a job reads (exists, is a readable image) and record its digest in `files`."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{what} must be a file name (relative to the job file), got {name!r}")
+    path = _resolve(base, name)
+    if not path.is_file():
+        raise ValueError(f"{what} {name!r} does not exist (looked for {path})")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{what} {name!r} is not an image the batch can read ({err})") from None
+    files[name] = _file_digest(path)
+    return path
 
 
 def _read_jsonl(text: str) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
@@ -363,16 +433,43 @@ def load_methods() -> list[str]:
     return broken
 
 
-def build_controls(specs: list[dict[str, Any]], maps: Any = False) -> tuple[list[Any], Any]:
+def _file_options(spec: dict[str, Any]) -> list[str]:
+    """Options of a control spec that may name files (`file_options` of its class)."""
+    from .controls import CONTROLS
+
+    return [k for k in getattr(CONTROLS.get(spec["name"]), "file_options", ()) if k in spec]
+
+
+def _spec_files(spec: dict[str, Any], base: Path | None, where: str, files: dict[str, str] | None = None):
+    """A control spec with its file names resolved against the job file's folder (checked if `files`)."""
+    out = dict(spec)
+    for key in _file_options(spec):
+        value = spec[key]
+        single = not isinstance(value, list)
+        items = [value] if single else value
+        resolved = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                if files is not None:
+                    _input_file(base, item, f"{where} ({spec['name']}) {key}" + ("" if single else f"[{i}]"), files)
+                item = str(_resolve(base, item))
+            resolved.append(item)
+        out[key] = resolved[0] if single else resolved
+    return out
+
+
+def build_controls(specs: list[dict[str, Any]], maps: Any = False, base: Path | None = None) -> tuple[list[Any], Any]:
     """Controls of one batch from their specs; adds an AttentionStore when maps are asked for.
 
+    File names in options (`file_options`) are read relative to `base`, the job file's folder.
     Returns (controls, the store that feeds the map grids or None).
     """
     from .controls import make_control
     from .store import AttentionStore
 
     controls = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        spec = _spec_files(spec, base, f"controls[{i}]")
         opts = {k: v for k, v in spec.items() if k != "name"}
         controls.append(make_control(spec["name"], opts))
     store = None
@@ -400,12 +497,21 @@ def plan(
     defaults, entries, problems = read_jobs(path)
     result = Plan(problems=list(problems), jobs=len(entries))
     result.model = model or defaults.get("model")
-    file_defaults = {k: v for k, v in defaults.items() if k in DEFAULT_KEYS and k != "model"}
+    ident = result.model
+    try:
+        concepts = file_concepts(path)
+    except ValueError as err:
+        result.problems.append(Problem(1, str(err)))
+        concepts = None
+    if concepts is not None:  # other weights, other images: the key names the concepts' contents
+        ident = f"{result.model}+concepts:{_file_digest(concepts)}"
+    file_defaults = {k: v for k, v in defaults.items() if k in DEFAULT_KEYS and k not in ("model", "concepts")}
     cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+    base = Path(path).resolve().parent
     seen: set[str] = set()
     for entry in entries:
         try:
-            units = _expand(entry, file_defaults, cli, pipe, result.model)
+            units = _expand(entry, file_defaults, cli, pipe, ident, base)
         except ValueError as err:
             result.problems.append(Problem(entry.line, str(err)))
             continue
@@ -438,15 +544,27 @@ def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str | None) -> list[Unit]:
+def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str | None,
+            base: Path | None = None) -> list[Unit]:
     job = entry.data
     if not isinstance(job, dict):
         raise ValueError(f"a job is an object with a prompt, got {type(job).__name__}")
     unknown = [k for k in job if k not in JOB_KEYS]
     if unknown:
         k = unknown[0]
-        hint = " (the model is chosen once per run: --model or defaults)" if k == "model" else _close(k, JOB_KEYS)
+        hint = (" (the model is chosen once per run: --model or defaults)" if k == "model" else
+                " (concepts are loaded with the model, once per run: put them in defaults)" if k == "concepts" else
+                _close(k, JOB_KEYS))
         raise ValueError(f"unknown key {k!r}{hint}; valid keys: {', '.join(JOB_KEYS)}")
+    edit, refs = "image" in job, "references" in job
+    if edit and refs:
+        raise ValueError("a job is either a real-image edit (image) or IR-Diffusion (references), not both")
+    if "source_prompt" in job and not edit:
+        raise ValueError("source_prompt describes the photo of a real-image edit: add image: or drop source_prompt")
+    if edit:
+        fixed = [k for k in ("seed", "seeds", "size", "height", "width", "together") if k in job]
+        if fixed:
+            raise ValueError(f"an edit job takes its size and noise from its image: drop {fixed[0]!r}")
     spec = _merge(file_defaults, cli, job)
     if ("prompt" in job) == ("prompts" in job):
         raise ValueError("a job needs exactly one of prompt (a string) or prompts (a list of strings)")
@@ -456,30 +574,36 @@ def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str 
     job_id = job.get("id")
     if job_id is not None and (not isinstance(job_id, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", job_id)):
         raise ValueError(f"id must be letters, digits, '.', '_' or '-', got {job_id!r}")
-    seeds = _seeds(spec)
+    seeds = [0] if edit else _seeds(spec)  # an edit starts from its image's inverted noise
     negative = spec.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"negative_prompt must be a string, got {negative!r}")
     maps = spec.get("maps", False)
     if not (isinstance(maps, bool) or (isinstance(maps, list) and all(isinstance(w, str) for w in maps))):
         raise ValueError(f"maps must be true/false or a list of words, got {maps!r}")
-    together = spec.get("together", False)
+    together = True if edit or refs else spec.get("together", False)
     if not isinstance(together, bool):
         raise ValueError(f"together must be true or false, got {together!r}")
-    if together and len(prompts) < 2:
+    if together and len(prompts) < 2 and not (edit or refs):
         raise ValueError("together needs at least two prompts (the first is the source of the others)")
     specs = _control_specs(spec.get("controls"))
-    controls, _ = build_controls(specs, maps)  # unknown names/options, bad option values
-    height, width = _size(spec, pipe.default_size() if pipe is not None else (None, None))
-    steps = spec.get("steps", pipe.default_steps() if pipe is not None else None)
+    if edit and not specs:
+        specs = [{"name": "masactrl"}]  # what `EditPipeline.edit` uses when given no control
+    files: dict[str, str] = {}
+    for i, s in enumerate(specs):
+        _spec_files(s, base, f"controls[{i}]", files)  # every file named is there and readable
+    controls, _ = build_controls(specs, maps, base)  # unknown names/options, bad option values
+    recommended = pipe.recommended() if pipe is not None else {}
+    height, width = _size(spec, (recommended.get("height"), recommended.get("width")))
+    steps = spec.get("steps", recommended.get("steps"))
     if steps is not None:
         steps = _as_int(steps, "steps", 1)
-    guidance = spec.get("guidance", pipe.family.default_guidance if pipe is not None else None)
+    guidance = spec.get("guidance", recommended.get("guidance"))
     if guidance is not None:
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
             raise ValueError(f"guidance must be a number, got {guidance!r}")
         guidance = float(guidance)
-    settings = {
+    settings: dict[str, Any] = {
         "steps": steps,
         "guidance": guidance,
         "height": height,
@@ -488,12 +612,32 @@ def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str 
         "controls": specs,
         "maps": maps,
     }
-    if pipe is not None:
+    if edit:
+        source = job.get("source_prompt", "")
+        if not isinstance(source, str):
+            raise ValueError(f"source_prompt must be a string (what the image shows), got {source!r}")
+        settings["height"], settings["width"] = _edit_size(_input_file(base, job["image"], "image", files), pipe)
+        settings["image"] = job["image"]
+        prompts = [source, *prompts]
+    if refs:
+        bad = [k for k in ("prompts", "controls", "maps") if k in job]
+        if bad:
+            raise ValueError(f"an IR-Diffusion job has one scene prompt and builds its own control: drop {bad[0]!r} "
+                             "(control options go under references.options)")
+        settings["controls"], settings["maps"] = [], False  # inherited ones do not apply
+        settings["references"] = _references(job["references"], prompts[0], settings, pipe, base, files)
+        prompts = [*settings["references"]["prompts"], prompts[0]]
+    if files:
+        settings["files"] = files
+    if pipe is not None and refs:
+        _check_references(pipe, prompts[-1], settings)
+    elif pipe is not None:
         for group in ([prompts] if together else [[p] for p in prompts]):
             check_with_model(pipe, group, settings, controls)
     units = []
     pairs = [(pi, seed) for seed in seeds for pi in range(len(prompts))] if together else [
         (pi, seed) for pi in range(len(prompts)) for seed in seeds]
+    last = len(prompts) - 1
     for pi, seed in pairs:
         prompt = prompts[pi]
         ident = {"model": model, "prompt": prompt, "seed": seed, **settings}
@@ -501,11 +645,94 @@ def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str 
         if together:
             ident["group"] = prompts
             group = _digest({"model": model, "prompts": prompts, "seed": seed, **settings})
-            role = "source" if pi == 0 else "target"
+            role = ("target" if pi == last else "source") if refs else ("source" if pi == 0 else "target")
         key = _digest(ident)
         name = job_id + (f"-p{pi}" if len(prompts) > 1 else "") if job_id else _slug(prompt)
-        units.append(Unit(entry.line, job_id, prompt, seed, settings, key, f"{name}-s{seed}-{key}", group, role))
+        units.append(Unit(entry.line, job_id, prompt, seed, settings, key, f"{name}-s{seed}-{key}", group, role,
+                          base))
     return units
+
+
+def _edit_size(image: Path, pipe: Any) -> tuple[int, int]:
+    """(height, width) the edit of `image` has: its size fitted to the model's stride as `invert` fits it."""
+    import warnings
+
+    from PIL import Image
+
+    if pipe is None:
+        with Image.open(image) as im:
+            return im.height, im.width
+    from .inversion import prepare_image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run says it again when it inverts
+        fitted, _ = prepare_image(image, pipe.pixel_stride)
+    return fitted.height, fitted.width
+
+
+def _references(block: Any, scene: str, settings: dict[str, Any], pipe: Any, base: Path | None,
+                files: dict[str, str]) -> dict[str, Any]:
+    """The `references` block of an IR-Diffusion job, checked (lengths, words, boxes, files, options)."""
+    from .controls import CONTROLS, make_control
+    from .masks import check_boxes
+
+    if "reposition" not in CONTROLS:
+        raise ValueError("IR-Diffusion (references) is not available in this attnedit build")
+    if not isinstance(block, dict):
+        raise ValueError("references must be a mapping: {prompts: [...], subjects: [...], boxes, images, options}")
+    unknown = [k for k in block if k not in REFERENCE_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in references{_close(unknown[0], REFERENCE_KEYS)}; "
+                         f"valid keys: {', '.join(REFERENCE_KEYS)}")
+    refs, subjects = block.get("prompts"), block.get("subjects")
+    if not isinstance(refs, list) or not refs or not all(isinstance(p, str) and p.strip() for p in refs):
+        raise ValueError("references.prompts must be a non-empty list of prompts, one per subject")
+    if not isinstance(subjects, list) or len(subjects) != len(refs) or not all(isinstance(w, str) for w in subjects):
+        raise ValueError(f"references.subjects must list one word per reference prompt ({len(refs)}), "
+                         f"got {subjects!r}")
+    out: dict[str, Any] = {"prompts": refs, "subjects": subjects}
+    boxes = block.get("boxes")
+    if boxes is not None:
+        if not isinstance(boxes, list) or len(boxes) != len(refs):
+            raise ValueError(f"references.boxes must give one scene box per subject ({len(refs)}), got {boxes!r}")
+        out["boxes"] = [list(b) for b in check_boxes(boxes, "references.boxes")]
+    images = block.get("images")
+    if images is not None:
+        if not isinstance(images, list) or len(images) != len(refs):
+            raise ValueError(f"references.images must give one photo per reference prompt ({len(refs)}), "
+                             f"got {images!r}")
+        for i, name in enumerate(images):
+            found = _input_file(base, name, f"references.images[{i}]", files)
+            if settings["height"] is not None and pipe is not None:
+                h, w = _edit_size(found, pipe)
+                if (h, w) != (settings["height"], settings["width"]):
+                    raise ValueError(f"references.images[{i}] {name!r} is {w}x{h} (W x H) but the scene is "
+                                     f"{settings['width']}x{settings['height']}: give photos of the scene's size")
+        out["images"] = list(images)
+    options = block.get("options", {})
+    if not isinstance(options, dict):
+        raise ValueError(f"references.options must be a mapping of RepositionAttention options, got {options!r}")
+    placed = [k for k in options if k.startswith(("target_", "reference_"))]
+    if placed:
+        raise ValueError(f"references.options: {placed[0]!r} is set from references (boxes) or the subjects' "
+                         "attention; drop it")
+    full = [[0.0, 0.0, 1.0, 1.0]] * len(refs)
+    make_control("reposition", {**options, "target_boxes": full, "reference_boxes": full})  # bad names/values
+    out["options"] = dict(options)
+    return out
+
+
+def _check_references(pipe: Any, scene: str, settings: dict[str, Any]) -> None:
+    """What `ir_diffusion` checks before denoising: subject words in their prompts, the size."""
+    from .methods.ir_diffusion import _check_words
+
+    h, w, stride = settings["height"], settings["width"], pipe.pixel_stride
+    if h % stride or w % stride:
+        raise ValueError(f"image size {h}x{w} is not a multiple of {stride} for this model")
+    refs = settings["references"]
+    max_len = pipe.call_defaults().get("max_sequence_length")
+    _check_words(pipe, refs["prompts"], [[w] for w in refs["subjects"]], max_len)
+    _check_words(pipe, [scene], [refs["subjects"]], max_len)
 
 
 def _digest(value: Any) -> str:
@@ -758,13 +985,26 @@ class Runner:
         from .visualize import map_grid
 
         s = batch[0].settings
-        controls, store = build_controls(s["controls"], s["maps"])
-        layout = group_layout(self.pipe, batch, s["guidance"]) if batch[0].group else None
-        result = self.pipe.generate(
-            [u.prompt for u in batch], controls=controls, seed=[u.seed for u in batch], steps=s["steps"],
-            guidance=s["guidance"], height=s["height"], width=s["width"], negative_prompt=s["negative_prompt"],
-            layout=layout,
-        )
+        base = batch[0].base
+        controls, store = build_controls(s["controls"], s["maps"], base)
+        common = dict(steps=s["steps"], guidance=s["guidance"], negative_prompt=s["negative_prompt"])
+        if "image" in s:  # real-image edit: the source (reconstruction) and its targets from the inverted image
+            result = self.pipe.edit(_resolve(base, s["image"]), batch[0].prompt, [u.prompt for u in batch[1:]],
+                                    control=controls[0], controls=controls[1:], **common)
+        elif "references" in s:  # IR-Diffusion: references, then the scene
+            from .methods.ir_diffusion import ir_diffusion
+
+            refs = s["references"]
+            photos = [_resolve(base, name) for name in refs["images"]] if "images" in refs else None
+            result = ir_diffusion(self.pipe, refs["prompts"], batch[-1].prompt, refs["subjects"],
+                                  target_boxes=refs.get("boxes"), reference_images=photos, seed=batch[-1].seed,
+                                  height=s["height"], width=s["width"], control_options=refs["options"], **common)
+        else:
+            layout = group_layout(self.pipe, batch, s["guidance"]) if batch[0].group else None
+            result = self.pipe.generate(
+                [u.prompt for u in batch], controls=controls, seed=[u.seed for u in batch], height=s["height"],
+                width=s["width"], layout=layout, **common,
+            )
         options = [{"name": c.name, **c.options()} for c in controls]
         wanted = {u.key for u in todo}
         files = []
@@ -787,6 +1027,7 @@ class Runner:
                 "width": s["width"],
                 "controls": options,
                 "controls_spec": s["controls"],
+                "inputs": {k: s[k] for k in ("image", "references", "files") if k in s} or None,
                 "batch_size": len(batch),
                 "group": {"id": u.group, "role": u.role, "prompts": [b.prompt for b in batch]} if u.group else None,
                 "job": {"line": u.line, "id": u.job_id},
@@ -854,8 +1095,8 @@ def run_batch(
     main = state.is_main_process
     out = Path(out)
     model_name = model or (file_model(jobs) if pipe is None else getattr(pipe, "model_name", None)) or DEFAULT_MODEL
-    if pipe is None:
-        pipe = load(model_name, device=device or state.device, dtype=dtype)
+    if pipe is None:  # a given pipe must already carry the file's concepts
+        pipe = load(model_name, device=device or state.device, dtype=dtype, **_load_options(jobs))
     the_plan = plan(jobs, pipe, overrides, model_name)
     summary = Summary(invalid=the_plan.problems, duplicates=the_plan.duplicates)
     if main:
@@ -979,7 +1220,7 @@ def _validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .pipeline import DEFAULT_MODEL, load
 
     model = args.model or file_model(args.jobs) or DEFAULT_MODEL
-    pipe = load(model, device=args.device or "cpu", dtype=args.dtype)
+    pipe = load(model, device=args.device or "cpu", dtype=args.dtype, **_load_options(args.jobs))
     result = plan(args.jobs, pipe, overrides, model)
     for p in result.problems:
         print(f"{args.jobs}:{p.line}: {p.message}")

@@ -374,6 +374,128 @@ def test_together_groups_and_cross_sample_controls(tmp_path, pipe):
         assert json.loads((out / f"{u.stem}.json").read_text())["group"]["role"] == u.role
 
 
+
+def _photo(path: Path, colour: str = "red", size: tuple[int, int] = (64, 64)) -> Path:
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", size, "white")
+    ImageDraw.Draw(im).ellipse((8, 16, 40, 48), fill=colour)
+    im.save(path)
+    return path
+
+
+def test_edit_and_ir_diffusion_jobs_read_their_files_and_replay_the_python_api(tmp_path, pipe):
+    """An `image` job is `EditPipeline.edit` (MasaCtrl with a mask PNG here), a `references` job is
+    `ir_diffusion` with real reference photos; files are read relative to the job file."""
+    if "masactrl" not in CONTROLS or "reposition" not in CONTROLS:
+        pytest.skip("MasaCtrl or IR-Diffusion is not registered in this build")
+    from attnedit.methods.ir_diffusion import ir_diffusion
+    from attnedit.methods.masactrl import MasaCtrl
+
+    folder = tmp_path / "jobs"
+    (folder / "in").mkdir(parents=True)
+    _photo(folder / "in" / "photo.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    Image.fromarray(mask, "L").save(folder / "in" / "mask.png")
+    _photo(folder / "in" / "ref0.png", "red")
+    _photo(folder / "in" / "ref1.png", "blue")
+    path = folder / "jobs.yaml"
+    path.write_text("""\
+defaults: {steps: 2, seeds: 3}
+jobs:
+  - image: in/photo.png
+    source_prompt: a red circle
+    prompt: a blue circle
+    controls: [{name: masactrl, start_step: 0, masks: [in/mask.png, in/mask.png]}]
+  - prompt: a red circle and a blue square
+    seeds: [1]
+    size: 64
+    references:
+      prompts: [a red circle, a blue square]
+      subjects: [circle, square]
+      boxes: [[0, 0.2, 0.5, 0.8], [0.5, 0.2, 1, 0.8]]
+      images: [in/ref0.png, in/ref1.png]
+      options: {reposition: false}
+""")
+    result = batch.plan(path, pipe, model="tiny-sd")
+    assert result.problems == []
+    assert [(u.prompt, u.seed, u.role) for u in result.units] == [
+        ("a red circle", 0, "source"), ("a blue circle", 0, "target"),
+        ("a red circle", 1, "source"), ("a blue square", 1, "source"), ("a red circle and a blue square", 1, "target")]
+    assert [len(b) for b in batch.make_batches(result.units, 8)] == [2, 3]
+    out = tmp_path / "out"
+    summary = batch.run_batch(path, out, model="tiny-sd", pipe=pipe, progress=False)
+    assert summary.done == 5 and summary.ok
+    made = [np.asarray(Image.open(out / f"{u.stem}.png")) for u in result.units]
+    m = folder / "in" / "mask.png"
+    edit = pipe.edit(folder / "in" / "photo.png", "a red circle", "a blue circle", steps=2,
+                     control=MasaCtrl(start_step=0, masks=[Image.open(m), Image.open(m)]))
+    scene = ir_diffusion(pipe, ["a red circle", "a blue square"], "a red circle and a blue square",
+                         ["circle", "square"], target_boxes=[[0, 0.2, 0.5, 0.8], [0.5, 0.2, 1, 0.8]], seed=1, steps=2,
+                         height=64, width=64, reference_images=[Image.open(folder / "in" / f"ref{i}.png")
+                                                                for i in range(2)],
+                         control_options={"reposition": False})
+    for got, want in zip(made, [*edit.images, *scene.images]):
+        assert np.array_equal(got, np.asarray(want))
+    side = json.loads((out / f"{result.units[1].stem}.json").read_text())
+    assert side["inputs"]["image"] == "in/photo.png"
+    assert set(side["inputs"]["files"]) == {"in/photo.png", "in/mask.png"}
+    # the moved folder gives the same keys (names are relative, keys hold contents); an edited file does not
+    shutil.copytree(folder, tmp_path / "moved")
+    moved = batch.plan(tmp_path / "moved" / "jobs.yaml", pipe, model="tiny-sd").units
+    assert [u.key for u in moved] == [u.key for u in result.units]
+    _photo(tmp_path / "moved" / "in" / "photo.png", "green")
+    moved = batch.plan(tmp_path / "moved" / "jobs.yaml", pipe, model="tiny-sd").units
+    assert moved[0].key != result.units[0].key and moved[2].key == result.units[2].key
+
+
+def test_file_jobs_are_checked_up_front_with_the_problem_named(tmp_path, pipe):
+    if "masactrl" not in CONTROLS or "reposition" not in CONTROLS:
+        pytest.skip("MasaCtrl or IR-Diffusion is not registered in this build")
+    _photo(tmp_path / "photo.png")
+    _photo(tmp_path / "big.png", size=(96, 96))
+    Image.new("L", (32, 64)).save(tmp_path / "small-mask.png")
+    (tmp_path / "junk.png").write_text("not an image")
+    refs = '"references": {"prompts": ["a red circle", "a blue square"], "subjects": ["circle", "square"]'
+    lines = [
+        '{"image": "nothing.png", "source_prompt": "a cat", "prompt": "a dog"}',
+        '{"image": "junk.png", "source_prompt": "a cat", "prompt": "a dog"}',
+        '{"image": "photo.png", "source_prompt": "a cat", "prompt": "a dog", "seeds": [1]}',
+        '{"image": "photo.png", "source_prompt": "a cat", "prompt": "a dog", '
+        '"controls": [{"name": "masactrl", "masks": ["small-mask.png", "small-mask.png"]}]}',
+        '{"image": "photo.png", "source_prompt": "a cat", "prompt": "a dog", '
+        '"controls": [{"name": "masactrl", "masks": ["photo.png", "gone.png"]}]}',
+        '{"source_prompt": "a cat", "prompt": "a dog"}',
+        '{"prompt": "a red circle and a blue square", ' + refs + ', "images": ["photo.png", "big.png"]}}',
+        '{"prompt": "a red circle and a blue square", ' + refs + ', "boxez": []}}',
+        '{"prompt": "a red circle and a zebra", ' + refs + '}}',
+        '{"prompt": "a red circle and a blue square", ' + refs + ', "options": {"target_boxes": []}}}',
+        '{"prompt": "a cat", "concepts": "c.safetensors"}',
+        '{"image": "photo.png", "source_prompt": "", "prompt": "a dog", "steps": 2}',
+    ]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    problems = {p.line: p.message for p in batch.plan(path, pipe, model="tiny-sd").problems}
+    assert problems[1].startswith("image 'nothing.png' does not exist (looked for ")
+    assert problems[2].startswith("image 'junk.png' is not an image the batch can read")
+    assert problems[3] == "an edit job takes its size and noise from its image: drop 'seeds'"
+    assert problems[4] == ("MasaCtrl mask 0 has size (64, 32) but the image is 64x64 (H x W); "
+                           "give masks at the image resolution")
+    assert problems[5].startswith("controls[0] (masactrl) masks[1] 'gone.png' does not exist")
+    assert problems[6].startswith("source_prompt describes the photo of a real-image edit")
+    assert problems[7] == ("references.images[1] 'big.png' is 96x96 (W x H) but the scene is 64x64: "
+                           "give photos of the scene's size")
+    assert problems[8].startswith("unknown key 'boxez' in references (did you mean 'boxes'?)")
+    assert problems[9].startswith("word 'square' is not in the prompt")
+    assert problems[10].startswith("references.options: 'target_boxes' is set from references")
+    assert problems[11].startswith("unknown key 'concepts' (concepts are loaded with the model, once per run")
+    assert 12 not in problems and len(problems) == 11
+    path.write_text('{"defaults": {"concepts": "missing"}}\n{"prompt": "a cat"}\n')
+    with pytest.raises(ValueError, match="defaults.concepts 'missing' does not exist"):
+        batch.run_batch(path, tmp_path / "out", model="tiny-sd", progress=False)
+
+
 # ------------------------------------------------------------------------------------ failures
 def test_failing_control_and_bad_lines_are_isolated(tmp_path, pipe, capsys):
     path = tmp_path / "jobs.jsonl"
