@@ -4,7 +4,10 @@
 
 Every run builds its controls afresh (`attnedit.make_control`), takes the lock of its model (so
 two requests never share one pipeline's processors or a control's state), reports its steps to
-`gr.Progress`, and returns its image as PNG plus the parameters as a job line the batch CLI reads.
+`gr.Progress`, and returns its image as PNG plus the parameters as a job line the batch CLI reads
+(with the files the job names, such as an uploaded photo, a drawn mask or trained concepts, in a
+zip next to it, so every result is replayable by `attnedit batch`). Each model's settings come
+from `EditPipeline.recommended()` (a model folder's `attnedit.json`).
 Bad input surfaces as the `ValueError` text of attnedit, shown in the page by `gr.Error`. Models
 come only from the configured list (safetensors weights only); uploads are size-capped and
 resized to the generation size (said in the page).
@@ -13,11 +16,13 @@ resized to the generation size (said in the page).
 from __future__ import annotations
 
 import functools
+import io
 import json
 import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 from PIL import Image, ImageDraw
 
 import attnedit
@@ -70,6 +76,21 @@ class ModelPool:
 
     def derived(self, name: str) -> bool:
         return name in self._specs
+
+    def job_defaults(self, name: str) -> tuple[dict[str, Any], dict[str, Path]]:
+        """The `defaults` line that replays runs of `name` in `attnedit batch`, and the files it names
+        (a model with trained concepts: the base model plus its concepts, copied into the download)."""
+        base, extra = self._specs.get(self.check(name), (name, {}))
+        defaults: dict[str, Any] = {"model": base}
+        files: dict[str, Path] = {}
+        if extra.get("concepts"):
+            from attnedit.methods.attencraft import META_NAME, WEIGHTS_NAME
+
+            found = Path(extra["concepts"])
+            folder = found if found.is_dir() else found.parent
+            files = {f"concepts/{n}": folder / n for n in (WEIGHTS_NAME, META_NAME) if (folder / n).is_file()}
+            defaults["concepts"] = "concepts"
+        return defaults, files
 
     def check(self, name: str) -> str:
         if name not in self.names:
@@ -165,13 +186,6 @@ def _guidance(value: Any) -> float:
     return g
 
 
-def _params(result: attnedit.Result, **extra: Any) -> dict[str, Any]:
-    """A result's parameters for the JSON download, without the app's own progress reporter."""
-    params = {**result.params, **extra}
-    params["controls"] = [c for c in params.get("controls", []) if c.get("name") != _StepProgress.name]
-    return params
-
-
 @dataclass
 class Settings:
     """The generation parameters common to every tab, checked against the app's limits."""
@@ -228,9 +242,9 @@ def job_of(params: dict[str, Any], controls: list[attnedit.Control]) -> dict[str
     return job
 
 
-def jobs_file(model: str, jobs: list[dict[str, Any]]) -> str:
+def jobs_file(defaults: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
     """The JSONL text `attnedit batch FILE` takes: a defaults line naming the model, then the jobs."""
-    lines = [{"defaults": {"model": model}}, *jobs]
+    lines = [{"defaults": defaults}, *jobs]
     return "".join(json.dumps(line) + "\n" for line in lines)
 
 
@@ -253,16 +267,27 @@ class Outputs:
         image.save(path, format="PNG")
         return str(path)
 
-    def json(self, data: Any, stem: str = "attnedit-params") -> str:
-        """Parameters of a result the batch CLI cannot replay (real-image edits, IR-Diffusion scenes)."""
-        path = self.root / f"{stem}-{uuid.uuid4().hex[:8]}.json"
-        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        return str(path)
-
-    def jobs(self, model: str, jobs: list[dict[str, Any]], stem: str = "attnedit-job") -> str:
-        """A batch job file (JSONL) for the downloads."""
-        path = self.root / f"{stem}-{uuid.uuid4().hex[:8]}.jsonl"
-        path.write_text(jobs_file(model, jobs))
+    def jobs(self, defaults: dict[str, Any], jobs: list[dict[str, Any]], files: dict[str, Any] | None = None,
+             stem: str = "attnedit-job") -> str:
+        """A batch job file (JSONL) for the downloads; with `files` (name in the job -> PIL image or
+        path), a zip of one folder holding `job.jsonl` and those files, so the job replays unzipped."""
+        self._prune()
+        name = f"{stem}-{uuid.uuid4().hex[:8]}"
+        text = jobs_file(defaults, jobs)
+        if not files:
+            path = self.root / f"{name}.jsonl"
+            path.write_text(text)
+            return str(path)
+        path = self.root / f"{name}.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(f"{name}/job.jsonl", text)
+            for rel, source in files.items():
+                if isinstance(source, Image.Image):
+                    buf = io.BytesIO()
+                    source.save(buf, format="PNG")
+                    zf.writestr(f"{name}/{rel}", buf.getvalue())
+                else:
+                    zf.write(source, f"{name}/{rel}")
         return str(path)
 
 
@@ -427,6 +452,77 @@ def fit_upload(image: Image.Image | None, size: tuple[int, int], stride: int) ->
     return image.convert("RGB"), notes
 
 
+def mask_canvas(height: Any, width: Any, side: int = 256) -> Image.Image:
+    """A blank canvas to paint a mask on: the image size times a whole number, so strokes map back exactly."""
+    try:
+        h, w = max(1, int(float(height))), max(1, int(float(width)))
+    except (TypeError, ValueError):
+        h = w = 64
+    k = max(1, side // max(h, w))
+    return Image.new("RGB", (w * k, h * k), (235, 235, 235))
+
+
+def editor_value(background: Image.Image | None) -> dict[str, Any] | None:
+    """An ImageEditor value with `background` and nothing painted yet."""
+    if background is None:
+        return None
+    return {"background": background, "layers": [], "composite": background}
+
+
+def drawn_mask(value: Any, size: tuple[int, int], upload: tuple[int, int] | None = None) -> Image.Image:
+    """The painted pixels of an ImageEditor value as a white-on-black mask of `size` (H, W).
+
+    The canvas may be the image size times a whole number (the page shows small images enlarged:
+    a cell is foreground when at least half of its pixels are painted) or, for a resized upload, the
+    upload's own size (H, W) `upload`; anything else, or nothing painted, is refused with the reason.
+    """
+    layers = [im for im in (value or {}).get("layers") or [] if im is not None] if isinstance(value, dict) else []
+    if not layers:
+        raise ValueError("the drawn mask is empty: paint the foreground on the mask canvas, "
+                         "or untick 'Use the drawn mask'")
+    painted = None
+    for layer in layers:
+        alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 0
+        if painted is not None and alpha.shape != painted.shape:
+            raise ValueError(f"the mask layers have different sizes ({painted.shape} and {alpha.shape})")
+        painted = alpha if painted is None else painted | alpha
+    mh, mw = painted.shape
+    h, w = size
+    if (mh, mw) == (h, w):
+        mask = painted
+    elif mh % h == 0 and mw % w == 0 and mh // h == mw // w:
+        k = mh // h
+        mask = painted.reshape(h, k, w, k).mean(axis=(1, 3)) >= 0.5
+    elif upload is not None and (mh, mw) == tuple(upload):
+        mask = np.asarray(Image.fromarray(painted).resize((w, h), Image.Resampling.NEAREST))
+    else:
+        raise ValueError(f"the drawn mask is {mw}x{mh} but the image is {w}x{h} (W x H): paint on the canvas "
+                         "the page shows for this image and size (changing the size or the upload gives a new one)")
+    if not mask.any():
+        raise ValueError("the drawn mask is empty: paint the foreground on the mask canvas, "
+                         "or untick 'Use the drawn mask'")
+    return Image.fromarray(mask.astype(np.uint8) * 255, "L")
+
+
+def _mask_options(word: str | None, use_drawn: bool, drawn: Any, size: tuple[int, int], n_images: int,
+                  upload: tuple[int, int] | None = None) -> tuple[dict[str, Any], Image.Image | None]:
+    """MasaCtrl's mask options from the page: a word's attention, or one drawn mask for every image."""
+    word = (word or "").strip()
+    if not use_drawn:
+        return ({"mask_words": word} if word else {}), None
+    if word:
+        raise ValueError("give either a mask word or a drawn mask, not both (clear the word or untick the box)")
+    mask = drawn_mask(drawn, size, upload)
+    return {"masks": [mask] * n_images}, mask
+
+
+def _with_mask_file(spec: dict[str, Any], mask: Image.Image | None, name: str = "mask.png") -> dict[str, Any]:
+    """A MasaCtrl spec whose drawn masks are named by the PNG saved next to the job."""
+    if mask is None:
+        return spec
+    return {**spec, "masks": [name] * len(spec["masks"])}
+
+
 DEFAULT_BOXES = "0.05,0.20,0.45,0.80; 0.55,0.20,0.95,0.80"
 MULTI_SUBJECT = {"astar": "A-STAR", "attend_excite": "Attend-and-Excite", "bounded": "Bounded Attention"}
 
@@ -441,6 +537,18 @@ class AttnEditApp:
         self.concurrency = concurrency or len(pool.names)
         self.outputs = outputs or Outputs()
         self.controls = available_controls()
+
+    def _jobs(self, model: str, jobs: list[dict[str, Any]], files: dict[str, Any] | None = None,
+              stem: str = "attnedit-job") -> str:
+        """The download replaying `jobs` with `attnedit batch` (a zip when they name files)."""
+        defaults, model_files = self.pool.job_defaults(model)
+        return self.outputs.jobs(defaults, jobs, {**model_files, **(files or {})}, stem)
+
+    def model_defaults(self, model: str) -> tuple[int, float, int, int]:
+        """(steps, guidance, height, width) of `model`: `EditPipeline.recommended()`, so a model folder's
+        `attnedit.json` sets them (the family's defaults otherwise)."""
+        rec = self.pool.get(model).recommended()
+        return (min(MAX_STEPS, int(rec["steps"])), float(rec["guidance"]), int(rec["height"]), int(rec["width"]))
 
     # --- Generate ---------------------------------------------------------------------------
     def speedups(self) -> list[str]:
@@ -465,7 +573,7 @@ class AttnEditApp:
         names = ", ".join(c.name for c in controls)
         info = _timing(seconds, settings, f" with {names}" if names else "")
         job = job_of(result.params, controls)
-        return result.image, info, self.outputs.png(result.image), self.outputs.jobs(model, [job])
+        return result.image, info, self.outputs.png(result.image), self._jobs(model, [job])
 
     def _speed_controls(self, model: str, *, todo: bool, todo_factor: float, agent: bool,
                         clear: bool) -> list[attnedit.Control]:
@@ -507,7 +615,7 @@ class AttnEditApp:
         slider = gr.Slider(minimum=0, maximum=settings.steps - 1, value=settings.steps - 1, step=1,
                            interactive=settings.steps > 1)
         return (enlarge(result.image), grid, slider, info, session, self.outputs.png(result.image),
-                self.outputs.jobs(model, [job_of(result.params, [])]))
+                self._jobs(model, [job_of(result.params, [])]))
 
     def maps_step(self, step: float, session: MapsSession | None):
         """Word maps of one denoising step of the last run."""
@@ -574,12 +682,17 @@ class AttnEditApp:
         grid = map_grid(store.word_maps(0), result.image)
         info = _timing(seconds, settings, f" (plain + {MULTI_SUBJECT[method]})")
         return (plain.image, shown, grid, info, self.outputs.png(result.image),
-                self.outputs.jobs(model, [job_of(result.params, [control])]))
+                self._jobs(model, [job_of(result.params, [control])]))
 
     # --- Consistent & edit ----------------------------------------------------------------------
     def consistent(self, model: str, source: str, targets: str, mask_word: str, seed: float, steps: float,
-                   guidance: float, height: float, width: float, progress: gr.Progress = PROGRESS):
-        """MasaCtrl: a source and several targets from one noise; targets keep the source's look."""
+                   guidance: float, height: float, width: float, use_drawn: bool = False, drawn: Any = None,
+                   progress: gr.Progress = PROGRESS):
+        """MasaCtrl: a source and several targets from one noise; targets keep the source's look.
+
+        Optional mask (mask-guided MasaCtrl): `mask_word`'s cross-attention, or with `use_drawn` the
+        mask painted on `drawn` (an ImageEditor value), the foreground of the source and every target.
+        """
         from attnedit.methods.masactrl import consistent
 
         source = _prompt(source, "source prompt")
@@ -587,8 +700,8 @@ class AttnEditApp:
         if not prompts:
             raise ValueError("give at least one target prompt (one per line)")
         settings = Settings.parse(seed, steps, guidance, height, width)
-        word = (mask_word or "").strip()
-        options = {"mask_words": word} if word else {}
+        options, mask = _mask_options(mask_word, use_drawn, drawn, (settings.height, settings.width),
+                                      1 + len(prompts))
         control = attnedit.make_control("masactrl", options)
         with self.pool.use(model) as pipe:
             start = time.perf_counter()
@@ -601,36 +714,65 @@ class AttnEditApp:
         captions = ["source: " + source] + ["target: " + t for t in prompts]
         job = {"prompts": [source, *prompts], "together": True, "seeds": [settings.seed], "steps": settings.steps,
                "guidance": settings.guidance, "height": settings.height, "width": settings.width,
-               "controls": [control_spec(control)]}
+               "controls": [_with_mask_file(control_spec(control), mask)]}
         pngs = [self.outputs.png(im, f"masactrl-{i}") for i, im in enumerate(result.images)]
-        return (list(zip(result.images, captions)), _timing(seconds, settings, f" ({len(result.images)} images)"),
-                pngs, self.outputs.jobs(model, [job]))
+        extra = f" ({len(result.images)} images)" + (", drawn mask" if mask is not None else "")
+        return (list(zip(result.images, captions)), _timing(seconds, settings, extra), pngs,
+                self._jobs(model, [job], {"mask.png": mask} if mask is not None else None, "masactrl"))
+
+    def edit_input(self, model: str, image: Image.Image | None) -> tuple[Image.Image, list[str]]:
+        """The upload as it is inverted: at most the model's size and sides multiples of its stride."""
+        import warnings
+
+        from attnedit.inversion import prepare_image
+
+        pipe = self.pool.get(model)
+        fitted, notes = fit_upload(image, pipe.default_size(), pipe.pixel_stride)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said in the page instead
+            fitted, more = prepare_image(fitted, pipe.pixel_stride)
+        return fitted, notes + more
+
+    def edit_canvas(self, model: str, image: Image.Image | None) -> dict[str, Any] | None:
+        """The mask canvas of the edit: the upload as it will be edited, enlarged like the results."""
+        if image is None:
+            return None
+        try:
+            fitted, _ = self.edit_input(model, image)
+        except ValueError:
+            return None
+        return editor_value(enlarge(fitted))
 
     def edit(self, model: str, image: Image.Image | None, source: str, target: str, steps: float, guidance: float,
-             mask_word: str = "", progress: gr.Progress = PROGRESS):
+             mask_word: str = "", use_drawn: bool = False, drawn: Any = None, progress: gr.Progress = PROGRESS):
         """Real-image edit: invert the upload, then denoise source and target with MasaCtrl.
 
-        `mask_word`: a word of both prompts whose cross-attention separates foreground and background.
+        Optional mask: `mask_word`, a word of both prompts whose cross-attention separates foreground
+        and background, or with `use_drawn` the foreground painted on `drawn` (the upload's canvas).
         """
         source = (source or "").strip()
         target = _prompt(target, "target prompt")
         n_steps = _int(steps, "steps", 1, MAX_STEPS)
         scale = _guidance(guidance)
+        fitted, notes = self.edit_input(model, image)
+        upload = (image.height, image.width) if image is not None else None
+        options, mask = _mask_options(mask_word, use_drawn, drawn, (fitted.height, fitted.width), 2, upload)
+        control = attnedit.make_control("masactrl", options)
         with self.pool.use(model) as pipe:
-            fitted, notes = fit_upload(image, pipe.default_size(), pipe.pixel_stride)
             progress(0.0, desc="inverting the image")
             start = time.perf_counter()
-            word = (mask_word or "").strip()
-            control = attnedit.make_control("masactrl", {"mask_words": word} if word else {})
             result = pipe.edit(fitted, source, target, control=control, steps=n_steps, guidance=scale,
                                controls=[_progress(progress, "editing")])
             seconds = time.perf_counter() - start
         notes += list(result.records.get("inversion", {}).get("notes", []))
         h, w = result.records.get("inversion", {}).get("size", [fitted.height, fitted.width])
-        info = f"{n_steps} steps, {h}x{w}: **{seconds:.2f} s**" + "".join(f"\n\n_{n}_" for n in notes)
-        params = _params(result, inversion=dict(result.records.get("inversion", {})))
+        info = (f"{n_steps} steps, {h}x{w}: **{seconds:.2f} s**" + (", drawn mask" if mask is not None else "")
+                + "".join(f"\n\n_{n}_" for n in notes))
+        job = {"image": "image.png", "source_prompt": source, "prompt": target, "steps": n_steps, "guidance": scale,
+               "controls": [_with_mask_file(control_spec(control), mask)]}
+        files = {"image.png": fitted, **({"mask.png": mask} if mask is not None else {})}
         gallery = [(result.images[0], "reconstruction"), *((im, "edit") for im in result.images[1:])]
-        return gallery, info, self.outputs.png(result.images[-1], "edit"), self.outputs.json(params, "edit")
+        return gallery, info, self.outputs.png(result.images[-1], "edit"), self._jobs(model, [job], files, "edit")
 
     # --- Subjects across images -------------------------------------------------------------------
     def subjects(self, model: str, references: str, subject_words: str, scene: str, boxes: str, seed: float,
@@ -665,11 +807,18 @@ class AttnEditApp:
         images = list(result.images)
         if target_boxes:
             images[-1] = draw_boxes(images[-1], target_boxes, words)
-        params = _params(result, subjects=words, target_boxes=target_boxes, options=options,
-                         real_references=photos is not None)
+        block: dict[str, Any] = {"prompts": refs, "subjects": words}
+        if target_boxes is not None:
+            block["boxes"] = target_boxes
+        files = {f"reference-{i + 1}.png": photo for i, photo in enumerate(photos or [])}
+        if files:
+            block["images"] = list(files)
+        block["options"] = options
+        job = {"prompt": scene, "seeds": [settings.seed], "steps": settings.steps, "guidance": settings.guidance,
+               "height": settings.height, "width": settings.width, "references": block}
         extra = f" ({len(images)} images)" + "".join(f"\n\n_{n}_" for n in notes)
         return (list(zip(images, captions)), _timing(seconds, settings, extra),
-                self.outputs.png(result.images[-1], "scene"), self.outputs.json(params, "ir-diffusion"))
+                self.outputs.png(result.images[-1], "scene"), self._jobs(model, [job], files, "ir-diffusion"))
 
     def _reference_photos(self, files: list[Any] | None, n: int, settings: Settings):
         """Uploaded reference photos at the scene's size (resizes are reported), or None."""
@@ -740,22 +889,33 @@ class AttnEditApp:
     def build(self) -> gr.Blocks:
         pool = self.pool
         probe = pool.get(pool.default)
-        dh, dw = probe.default_size()
+        model_steps, model_guidance, dh, dw = self.model_defaults(pool.default)
         stride = probe.pixel_stride
         run = dict(concurrency_id=RUNS, concurrency_limit=self.concurrency)
+        # every (steps, guidance[, height, width]) input, re-set to a model's own settings when it is chosen
+        per_model: list[list[gr.components.Component]] = []
 
-        model_steps = min(MAX_STEPS, probe.default_steps())
-
-        def settings_row(tab: str, steps: int = model_steps) -> list[gr.components.Component]:
+        def settings_row(tab: str) -> list[gr.components.Component]:
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
-                n_steps = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps", elem_id=f"{tab}-steps")
-                guidance = gr.Slider(0.0, 20.0, value=probe.family.default_guidance, step=0.5, label="Guidance")
+                n_steps = gr.Slider(1, MAX_STEPS, value=model_steps, step=1, label="Steps", elem_id=f"{tab}-steps")
+                guidance = gr.Slider(0.0, 20.0, value=model_guidance, step=0.5, label="Guidance",
+                                     elem_id=f"{tab}-guidance")
                 height = gr.Number(value=dh, precision=0, label=f"Height (multiple of {stride})", step=stride,
                                    elem_id=f"{tab}-height")
                 width = gr.Number(value=dw, precision=0, label=f"Width (multiple of {stride})", step=stride,
                                   elem_id=f"{tab}-width")
+            per_model.append([n_steps, guidance, height, width])
             return [seed, n_steps, guidance, height, width]
+
+        def mask_inputs(tab: str, canvas: Image.Image | None, info: str) -> tuple[gr.Checkbox, gr.ImageEditor]:
+            use = gr.Checkbox(label="Use the drawn mask (instead of a mask word)", value=False,
+                              elem_id=f"{tab}-use-mask")
+            editor = gr.ImageEditor(value=editor_value(canvas), type="pil", image_mode="RGBA", format="png",
+                                    sources=(), transforms=(), layers=False, label=info, height=300,
+                                    brush=gr.Brush(colors=["#ff2020"], color_mode="fixed"),
+                                    elem_id=f"{tab}-mask")
+            return use, editor
 
         with gr.Blocks(title="attnedit", analytics_enabled=False) as demo:
             gr.Markdown("## attnedit — attention control for diffusers pipelines")
@@ -786,7 +946,7 @@ class AttnEditApp:
                         info = gr.Markdown(label="Run info", elem_id="generate-info")
                         with gr.Row():
                             png = gr.DownloadButton("Download PNG")
-                            job = gr.DownloadButton("Download parameters (batch JSONL)")
+                            job = gr.DownloadButton("Download parameters (batch job)")
                 go.click(readable(self.generate), [model, prompt, negative, *common, *speed],
                          [image, info, png, job], api_name="generate", **run)
 
@@ -820,7 +980,7 @@ class AttnEditApp:
                                               interactive=False)
                             with gr.Row():
                                 s_png = gr.DownloadButton("Download PNG")
-                                s_job = gr.DownloadButton("Download parameters (batch JSONL)")
+                                s_job = gr.DownloadButton("Download parameters (batch job)")
                     s_h, s_w = s_common[3], s_common[4]
 
                     def on_click(boxes, words, pending, height, width, canvas, evt: gr.SelectData):
@@ -850,14 +1010,20 @@ class AttnEditApp:
                                                    value="a red circle on the left\na red circle on the right")
                             c_mask = gr.Textbox(label="Mask word (optional: foreground from its attention)", value="")
                             c_common = settings_row("consistent")
+                            c_use, c_draw = mask_inputs("consistent", mask_canvas(dh, dw),
+                                                        "Or paint the foreground (of the source and every target)")
                             c_go = gr.Button("Generate source and targets", variant="primary")
                             c_info = gr.Markdown(label="Run info")
                         with gr.Column():
                             c_gallery = gr.Gallery(label="Source, then targets", format="png", columns=3)
                             c_files = gr.File(label="PNG files", file_count="multiple")
-                            c_job = gr.DownloadButton("Download parameters (batch JSONL)")
-                    c_go.click(readable(self.consistent), [model, c_source, c_targets, c_mask, *c_common],
+                            c_job = gr.DownloadButton("Download parameters (batch job)")
+                    c_go.click(readable(self.consistent),
+                               [model, c_source, c_targets, c_mask, *c_common, c_use, c_draw],
                                [c_gallery, c_info, c_files, c_job], api_name="consistent", **run)
+                    for trigger in (c_common[3].change, c_common[4].change):  # a new size, a new blank canvas
+                        trigger(lambda h, w: editor_value(mask_canvas(h, w)), [c_common[3], c_common[4]], c_draw,
+                                api_visibility="private", queue=False)
                     gr.Markdown("**Edit a real image**: it is inverted to noise, then denoised as the source "
                                 "(reconstruction) and as the target with MasaCtrl.")
                     with gr.Row():
@@ -867,20 +1033,26 @@ class AttnEditApp:
                             e_source = gr.Textbox(label="What the image shows (source prompt)", value="a red circle")
                             e_target = gr.Textbox(label="Target prompt", value="a red circle on the left")
                             with gr.Row():
-                                e_steps = gr.Slider(1, MAX_STEPS, value=model_steps, step=1, label="Steps")
-                                e_guidance = gr.Slider(0.0, 20.0, value=probe.family.default_guidance, step=0.5,
-                                                       label="Guidance")
+                                e_steps = gr.Slider(1, MAX_STEPS, value=model_steps, step=1, label="Steps",
+                                                    elem_id="edit-steps")
+                                e_guidance = gr.Slider(0.0, 20.0, value=model_guidance, step=0.5, label="Guidance",
+                                                       elem_id="edit-guidance")
+                            per_model.append([e_steps, e_guidance])
                             e_mask = gr.Textbox(label="Mask word (optional: foreground from its attention)",
                                                 value="")
+                            e_use, e_draw = mask_inputs("edit", None, "Or paint the foreground on the image "
+                                                        "(it appears here once uploaded)")
                             e_go = gr.Button("Invert and edit", variant="primary")
                             e_info = gr.Markdown(label="Edit info")
                         with gr.Column():
                             e_gallery = gr.Gallery(label="Reconstruction, edit", format="png", columns=2)
                             with gr.Row():
                                 e_png = gr.DownloadButton("Download PNG")
-                                e_job = gr.DownloadButton("Download parameters (JSON)")
-                    e_go.click(readable(self.edit), [model, e_image, e_source, e_target, e_steps, e_guidance, e_mask],
+                                e_job = gr.DownloadButton("Download parameters (batch job zip)")
+                    e_go.click(readable(self.edit),
+                               [model, e_image, e_source, e_target, e_steps, e_guidance, e_mask, e_use, e_draw],
                                [e_gallery, e_info, e_png, e_job], api_name="edit", **run)
+                    e_image.change(self.edit_canvas, [model, e_image], e_draw, api_visibility="private")
 
             if "reposition" in self.controls:
                 with gr.Tab("Subjects across images", id="subjects"):
@@ -908,7 +1080,7 @@ class AttnEditApp:
                             i_gallery = gr.Gallery(label="References, then the scene", format="png", columns=3)
                             with gr.Row():
                                 i_png = gr.DownloadButton("Download scene PNG")
-                                i_job = gr.DownloadButton("Download parameters (JSON)")
+                                i_job = gr.DownloadButton("Download parameters (batch job zip)")
                     i_inputs = [model, i_refs, i_words, i_scene, i_boxes, *i_common, i_repos, i_iso, i_files]
                     i_go.click(readable(self.subjects), i_inputs, [i_gallery, i_info, i_png, i_job],
                                api_name="subjects", **run)
@@ -927,7 +1099,7 @@ class AttnEditApp:
                                            interactive=False, elem_id="maps-image")
                         with gr.Row():
                             m_png = gr.DownloadButton("Download PNG")
-                            m_job = gr.DownloadButton("Download parameters (batch JSONL)")
+                            m_job = gr.DownloadButton("Download parameters (batch job)")
                 m_grid = gr.Image(label="Per-word attention", type="pil", format="png", interactive=False)
                 m_step = gr.Slider(0, 3, value=3, step=1, label="Step (0 = first denoising step)", interactive=False)
                 with gr.Row():
@@ -968,6 +1140,12 @@ class AttnEditApp:
                     a_go.click(readable(self.concepts), [model, a_image, a_concepts, a_steps, a_class],
                                [a_masks, a_info, model, a_prompt, a_file], api_name="concepts",
                                concurrency_id="attnedit-training", concurrency_limit=1)
+
+            def on_model(name: str) -> list[Any]:
+                steps, guidance, height, width = self.model_defaults(name)
+                return [v for row in per_model for v in (steps, guidance, height, width)[: len(row)]]
+
+            model.change(readable(on_model), model, [c for row in per_model for c in row], api_name="model_defaults")
 
         demo.queue(max_size=64, default_concurrency_limit=self.concurrency)
         return demo

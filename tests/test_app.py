@@ -34,9 +34,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# a model folder shipping its own settings (`attnedit.json`), as the bundled models do
+FOLDER_SETTINGS = {"steps": 3, "guidance": 2.5, "height": 48, "width": 80}
+
+
 @pytest.fixture(scope="module")
-def served():
-    pool = ModelPool([MODEL])
+def folder_model(tmp_path_factory) -> str:
+    from attnedit.tiny import build_tiny
+
+    folder = tmp_path_factory.mktemp("models") / "own-settings"
+    build_tiny("sd").save_pretrained(folder)
+    (folder / "attnedit.json").write_text(json.dumps(FOLDER_SETTINGS))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def served(folder_model):
+    pool = ModelPool([MODEL, folder_model])
     app = AttnEditApp(pool, concurrency=4)  # gradio may run 4 requests at once: the model lock must hold
     demo = app.build()
     url = launch(demo, "127.0.0.1", free_port(), block=False)
@@ -51,6 +65,43 @@ def client(served):
 
 def pixels(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def replay(download: str, tmp_path: Path) -> list[dict]:
+    """The app's parameters download through `attnedit batch --validate`, then `attnedit batch`
+    (a fresh process-like run: it loads the model and any concepts itself); the made images'
+    sidecars in job order, each with the path of its PNG."""
+    import zipfile
+
+    from attnedit.cli import main
+
+    if download.endswith(".zip"):
+        with zipfile.ZipFile(download) as zf:
+            zf.extractall(tmp_path / "unzipped")
+        (job,) = (tmp_path / "unzipped").glob("*/job.jsonl")
+    else:
+        job = Path(download)
+    assert main(["batch", "--validate", str(job)]) == 0
+    out = tmp_path / "replayed"
+    assert main(["batch", str(job), "--out", str(out), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    return [{**json.loads((out / r["sidecar"]).read_text()), "path": str(out / r["image"])} for r in rows]
+
+
+def painted(size: tuple[int, int], box: tuple[int, int, int, int] | None, folder: Path, name: str):
+    """An ImageEditor value as a browser sends it: a blank background and one layer painted in `box`."""
+    from gradio_client import handle_file
+    from PIL import ImageDraw
+
+    background = Image.new("RGB", size, (235, 235, 235))
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    if box is not None:
+        ImageDraw.Draw(layer).rectangle(box, fill=(255, 32, 32, 255))
+    background.save(folder / f"{name}-bg.png")
+    layer.save(folder / f"{name}-layer.png")
+    return {"background": handle_file(str(folder / f"{name}-bg.png")),
+            "layers": [handle_file(str(folder / f"{name}-layer.png"))],
+            "composite": handle_file(str(folder / f"{name}-bg.png"))}
 
 
 def gen(client: Client, prompt: str = "a red circle and a blue square", seed: int = 0, size: int = 64,
@@ -89,6 +140,30 @@ def test_generate_bad_size_and_foreign_model_are_refused_with_the_reason(client)
     with pytest.raises(AppError, match="not offered by this app"):
         client.predict("/etc/passwd", "a cat", "", 0, STEPS, 7.5, 64, 64, False, 2, False, False,
                        api_name="/generate")
+
+
+def test_each_model_brings_its_recommended_settings(served, client, folder_model):
+    """Steps, guidance and size come from `EditPipeline.recommended()`: a folder's attnedit.json wins
+    over its family's defaults, on the page it opens with and whenever the model is chosen."""
+    app, _ = served
+    assert app.pool.get(folder_model).recommended() == FOLDER_SETTINGS
+    assert app.pool.get(MODEL).recommended() == {"steps": 4, "guidance": 7.5, "height": 64, "width": 64}
+    own = client.predict(folder_model, api_name="/model_defaults")
+    assert list(own[:4]) == [3, 2.5, 48, 80]  # the first settings row: Generate's
+    assert set(own) == {3, 2.5, 48, 80}  # every tab's row; the edit has steps and guidance only
+    assert own.count(3) == own.count(2.5) == own.count(48) + ("masactrl" in app.controls) == own.count(80) + (
+        "masactrl" in app.controls)
+    assert list(client.predict(MODEL, api_name="/model_defaults")[:4]) == [4, 7.5, 64, 64]
+    with pytest.raises(AppError, match="not offered by this app"):
+        client.predict("/etc", api_name="/model_defaults")
+    page = AttnEditApp(ModelPool([folder_model])).build()  # opened on that model
+    values = {c["props"].get("elem_id"): c["props"].get("value") for c in page.config["components"]}
+    assert [values[f"generate-{k}"] for k in ("steps", "guidance", "height", "width")] == [3, 2.5, 48, 80]
+    if "masactrl" in app.controls:
+        assert [values["edit-steps"], values["edit-guidance"]] == [3, 2.5]
+    image, info, _, _ = client.predict(folder_model, "a red circle", "", 0, *own[:4], False, 2, False, False,
+                                       api_name="/generate")
+    assert Image.open(image).size == (80, 48) and "3 steps, 48x80" in info
 
 
 def test_generate_speedup_toggles_build_their_controls(served, client):
@@ -218,8 +293,38 @@ def test_consistent_source_is_the_plain_image_and_bad_mask_word_is_refused(serve
                        api_name="/consistent")
 
 
+def test_consistent_with_a_drawn_mask_replays_in_batch_and_bad_masks_are_refused(served, client, tmp_path):
+    needs(served, "masactrl")
+    from apps.app import mask_canvas
+
+    canvas = mask_canvas(64, 64).size  # the page paints on the image enlarged 4x
+    assert canvas == (256, 256)
+    args = (MODEL, "a red circle", "a red circle on the left\na red circle on the right", "", 6, STEPS, 7.5, 64, 64)
+    plain, *_ = client.predict(*args, api_name="/consistent")
+    gallery, info, _, bundle = client.predict(*args, True, painted(canvas, (0, 64, 127, 191), tmp_path, "left"),
+                                              api_name="/consistent")
+    assert "drawn mask" in info and bundle.endswith(".zip")
+    made = [pixels(g["image"]) for g in gallery]
+    assert np.array_equal(made[0], pixels(plain[0]["image"]))  # the source is never touched
+    assert not np.array_equal(made[1], pixels(plain[1]["image"]))  # the mask acted on the targets
+    sidecars = replay(bundle, tmp_path)
+    assert [s["group"]["role"] for s in sidecars] == ["source", "target", "target"]
+    assert sidecars[0]["controls_spec"][0]["masks"] == ["mask.png"] * 3
+    for side, image in zip(sidecars, made):
+        assert np.array_equal(pixels(side["path"]), image)  # the same batch of 3: equal to the level
+    with pytest.raises(AppError, match="the drawn mask is empty: paint the foreground"):
+        client.predict(*args, True, painted(canvas, None, tmp_path, "empty"), api_name="/consistent")
+    with pytest.raises(AppError, match=r"the drawn mask is 100x100 but the image is 64x64 \(W x H\)"):
+        client.predict(*args, True, painted((100, 100), (0, 0, 50, 50), tmp_path, "odd"), api_name="/consistent")
+    with pytest.raises(AppError, match="either a mask word or a drawn mask, not both"):
+        client.predict(*args[:3], "circle", *args[4:], True, painted(canvas, (0, 0, 9, 9), tmp_path, "both"),
+                       api_name="/consistent")
+
+
 def test_edit_resizes_a_large_upload_and_says_so(served, client, tmp_path):
     needs(served, "masactrl")
+    import zipfile
+
     from gradio_client import handle_file
 
     big = tmp_path / "big.png"
@@ -229,9 +334,13 @@ def test_edit_resizes_a_large_upload_and_says_so(served, client, tmp_path):
     assert "resized to 64x40" in info
     assert [g["caption"] for g in gallery] == ["reconstruction", "edit"]
     assert Image.open(png).size == (64, 40)
-    saved = json.loads(Path(params).read_text())
-    assert saved["edit"]["targets"] == ["a blue circle"]
-    assert [c["name"] for c in saved["controls"]] == ["masactrl", "follow_trajectory"]  # no app-progress
+    with zipfile.ZipFile(params) as zf:
+        names = sorted(Path(n).name for n in zf.namelist())
+        (job_name,) = [n for n in zf.namelist() if n.endswith("job.jsonl")]
+        job = json.loads(zf.read(job_name).decode().splitlines()[1])
+    assert names == ["image.png", "job.jsonl"]
+    assert (job["image"], job["source_prompt"], job["prompt"]) == ("image.png", "a red circle", "a blue circle")
+    assert [c["name"] for c in job["controls"]] == ["masactrl"]  # no app-progress, no trajectory follower
     gallery, *_ = client.predict(MODEL, handle_file(str(big)), "a red circle", "a blue circle", STEPS, 7.5, "circle",
                                  api_name="/edit")
     assert len(gallery) == 2
@@ -242,8 +351,39 @@ def test_edit_resizes_a_large_upload_and_says_so(served, client, tmp_path):
         client.predict(MODEL, None, "a red circle", "a blue circle", STEPS, 7.5, api_name="/edit")
 
 
+def test_edit_with_a_drawn_mask_replays_in_batch_from_the_saved_upload(served, client, tmp_path):
+    """The job zip holds the upload as it was edited (resized to 64x40) and the drawn mask; replayed
+    by `attnedit batch`, the edit is the app's image exactly."""
+    needs(served, "masactrl")
+    from gradio_client import handle_file
+    from PIL import ImageDraw
+
+    app, _ = served
+    photo = Image.new("RGB", (300, 200), "white")
+    ImageDraw.Draw(photo).ellipse((40, 40, 160, 160), fill=(200, 30, 30))
+    photo.save(tmp_path / "photo.png")
+    canvas = app.edit_canvas(MODEL, photo)  # what the page shows to paint on: the fitted upload, 4x
+    assert canvas["background"].size == (256, 160) and canvas["layers"] == []
+    args = (MODEL, handle_file(str(tmp_path / "photo.png")), "a red circle", "a blue circle", STEPS, 7.5, "")
+    gallery, info, png, bundle = client.predict(*args, True, painted((256, 160), (32, 32, 127, 127), tmp_path, "e"),
+                                                api_name="/edit")
+    assert "drawn mask" in info and "resized to 64x40" in info
+    # a mask painted on the upload itself (its own size) is resized with it
+    same, *_ = client.predict(*args, True, painted((300, 200), (40, 40, 159, 159), tmp_path, "u"), api_name="/edit")
+    assert len(same) == 2
+    sidecars = replay(bundle, tmp_path)
+    assert [(s["prompt"], s["group"]["role"]) for s in sidecars] == [("a red circle", "source"),
+                                                                      ("a blue circle", "target")]
+    assert sidecars[1]["inputs"]["image"] == "image.png" and sidecars[1]["height"] == 40
+    assert np.array_equal(pixels(sidecars[1]["path"]), pixels(png))
+    assert np.array_equal(pixels(sidecars[0]["path"]), pixels(gallery[0]["image"]))
+    with pytest.raises(AppError, match="the drawn mask is 64x64 but the image is 64x40"):
+        client.predict(*args, True, painted((64, 64), (0, 0, 9, 9), tmp_path, "sq"), api_name="/edit")
+
+
 def test_subjects_across_images_makes_references_and_scene(served, client, tmp_path):
     needs(served, "reposition")
+    app, _ = served
     refs = "a red circle\na blue square"
     gallery, info, png, params = client.predict(
         MODEL, refs, "circle, square", "a red circle and a blue square", "0,0.2,0.5,0.8; 0.5,0.2,1,0.8", 0, STEPS,
@@ -251,7 +391,12 @@ def test_subjects_across_images_makes_references_and_scene(served, client, tmp_p
     assert [g["caption"].split(":")[0] for g in gallery] == ["reference", "reference", "scene"]
     assert "3 images" in info
     assert Image.open(png).size == (64, 64)
-    assert json.loads(Path(params).read_text())["subjects"] == ["circle", "square"]
+    job = json.loads(Path(params).read_text().splitlines()[1])  # nothing uploaded: the JSONL alone
+    assert job["references"]["subjects"] == ["circle", "square"] and job["seeds"] == [0]
+    from attnedit.batch import plan
+
+    with app.pool.use(MODEL) as pipe:
+        assert not plan(params, pipe).problems
     # isolation alone, with real reference photos of another size (inverted, resized and said so)
     from gradio_client import handle_file
 
@@ -263,8 +408,13 @@ def test_subjects_across_images_makes_references_and_scene(served, client, tmp_p
         MODEL, refs, "circle, square", "a red circle and a blue square", "0,0.2,0.5,0.8; 0.5,0.2,1,0.8", 0, STEPS,
         7.5, 64, 64, False, True, [handle_file(str(p)) for p in photos], api_name="/subjects")
     assert "reference photo 1 (96x96) resized to 64x64" in info
-    saved = json.loads(Path(params).read_text())
-    assert saved["real_references"] is True and saved["options"] == {"reposition": False, "isolate": True}
+    assert params.endswith(".zip")
+    sidecars = replay(params, tmp_path)  # the job names the resized photos saved next to it
+    refs_block = sidecars[-1]["inputs"]["references"]
+    assert refs_block["images"] == ["reference-1.png", "reference-2.png"]
+    assert refs_block["options"] == {"reposition": False, "isolate": True}
+    assert [s["group"]["role"] for s in sidecars] == ["source", "source", "target"]
+    assert np.array_equal(pixels(sidecars[-1]["path"]), pixels(png))
     with pytest.raises(AppError, match="1 reference photos for 2 reference prompts"):
         client.predict(MODEL, refs, "circle, square", "a red circle and a blue square", "", 0, STEPS, 7.5, 64, 64,
                        True, True, [handle_file(str(photos[0]))], api_name="/subjects")
@@ -293,8 +443,13 @@ def test_concepts_training_adds_a_model_whose_tokens_work_in_other_tabs(served, 
     assert Path(weights).name == "concepts.safetensors" and Image.open(masks).format == "PNG"
     new = dropdown["value"]
     assert new in app.pool.names and new.startswith(MODEL)
-    image, *_ = client.predict(new, prompt, "", 0, STEPS, 7.5, 64, 64, False, 2, False, False, api_name="/generate")
+    image, _, png, bundle = client.predict(new, prompt, "", 0, STEPS, 7.5, 64, 64, False, 2, False, False,
+                                           api_name="/generate")
     assert pixels(image).shape == (64, 64, 3)
+    # the job names the base model and the concepts shipped next to it; replayed, the tokens work the same
+    sidecars = replay(bundle, tmp_path)
+    assert len(sidecars) == 1 and sidecars[0]["model"] == MODEL and sidecars[0]["prompt"] == prompt
+    assert np.array_equal(pixels(sidecars[0]["path"]), pixels(png))
     with pytest.raises(AppError, match="already carries trained concepts"):
         client.predict(new, handle_file(str(tmp_path / "two.png")), "circle, square", 2, 0, api_name="/concepts")
 
