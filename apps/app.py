@@ -1013,7 +1013,7 @@ class AttnEditApp:
                             c_use, c_draw = mask_inputs("consistent", mask_canvas(dh, dw),
                                                         "Or paint the foreground (of the source and every target)")
                             c_go = gr.Button("Generate source and targets", variant="primary")
-                            c_info = gr.Markdown(label="Run info")
+                            c_info = gr.Markdown(label="Run info", elem_id="consistent-info")
                         with gr.Column():
                             c_gallery = gr.Gallery(label="Source, then targets", format="png", columns=3)
                             c_files = gr.File(label="PNG files", file_count="multiple")

@@ -2,8 +2,9 @@
 
 Opens the page, types a prompt, clicks Generate, waits for the image, checks it appeared and
 saves a screenshot (under `outputs/tests/app/`, or $ATTNEDIT_TEST_OUTPUT); then clicks a pixel of
-the Attention maps image for its self-attention, draws a box on the Multi-subject canvas and
-checks that a bad size shows its reason in the page. In CI (CI=true) a
+the Attention maps image for its self-attention, draws a box on the Multi-subject canvas, paints
+a MasaCtrl mask with the mouse and runs with it, and checks that a bad size shows its reason in
+the page. In CI (CI=true) a
 missing browser or Playwright fails the test; elsewhere it skips.
 """
 
@@ -81,6 +82,30 @@ def _draw_a_box_on_the_canvas(page) -> None:
     assert x0 < x1 and y0 < y1 and 0.0 <= x0 and x1 <= 1.0
 
 
+def _paint_a_mask_and_run_masactrl(page) -> None:
+    """Paint on the Consistent tab's mask canvas with the mouse; the run uses the painted mask."""
+    page.get_by_role("tab", name="Consistent & edit").click()
+    steps = page.locator("#consistent-steps input[type=number]")
+    steps.fill("2")
+    steps.press("Enter")
+    page.locator("#consistent-use-mask input[type=checkbox]").check()
+    canvas = page.locator("#consistent-mask canvas").first
+    canvas.wait_for(state="visible", timeout=30_000)
+    canvas.scroll_into_view_if_needed()
+    page.locator("#consistent-mask button[aria-label=Brush]").click()
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2 - 60, box["y"] + box["height"] / 2 - 60  # the image sits in the middle
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for i in range(1, 21):
+        page.mouse.move(x + i * 6, y + i * 6, steps=3)
+    page.mouse.up()
+    page.get_by_role("button", name="Generate source and targets").click()
+    # the info line of a finished run (an empty mask would be refused with its reason instead)
+    page.wait_for_function("() => (document.querySelector('#consistent-info') || {}).innerText"
+                           "?.includes('(3 images), drawn mask')", timeout=90_000)
+
+
 def _a_bad_size_shows_its_reason(page) -> None:
     page.get_by_role("tab", name="Generate").click()
     width = page.locator("#generate-width input")
@@ -129,6 +154,8 @@ def test_page_generates_an_image_in_headless_chromium(tmp_path):
                 _click_a_pixel_for_its_self_attention(page)
                 if page.get_by_role("tab", name="Multi-subject").count():
                     _draw_a_box_on_the_canvas(page)
+                if page.get_by_role("tab", name="Consistent & edit").count():
+                    _paint_a_mask_and_run_masactrl(page)
                 _a_bad_size_shows_its_reason(page)
             finally:
                 browser.close()
