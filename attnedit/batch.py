@@ -1173,7 +1173,7 @@ def add_parser(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "batch", help="run a JSONL/YAML job file (resumable; `accelerate launch -m attnedit batch` for many GPUs)",
-        description="\n\n".join(__doc__.split("\n\n")[1:4]) if __doc__ else None,
+        description="\n\n".join(__doc__.split("\n\n")[1:5]) if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("jobs", help="job file: .jsonl (one job per line) or .yaml/.yml")
