@@ -456,7 +456,7 @@ def mask_canvas(height: Any, width: Any, side: int = 256) -> Image.Image:
     """A blank canvas to paint a mask on: the image size times a whole number, so strokes map back exactly."""
     try:
         h, w = max(1, int(float(height))), max(1, int(float(width)))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         h = w = 64
     k = max(1, side // max(h, w))
     return Image.new("RGB", (w * k, h * k), (235, 235, 235))
