@@ -1029,7 +1029,7 @@ class AttnEditApp:
                     with gr.Row():
                         with gr.Column():
                             e_image = gr.Image(label="Image to edit", type="pil", sources=["upload", "clipboard"],
-                                               image_mode="RGB")
+                                               image_mode="RGB", elem_id="edit-image")
                             e_source = gr.Textbox(label="What the image shows (source prompt)", value="a red circle")
                             e_target = gr.Textbox(label="Target prompt", value="a red circle on the left")
                             with gr.Row():
@@ -1043,7 +1043,7 @@ class AttnEditApp:
                             e_use, e_draw = mask_inputs("edit", None, "Or paint the foreground on the image "
                                                         "(it appears here once uploaded)")
                             e_go = gr.Button("Invert and edit", variant="primary")
-                            e_info = gr.Markdown(label="Edit info")
+                            e_info = gr.Markdown(label="Edit info", elem_id="edit-info")
                         with gr.Column():
                             e_gallery = gr.Gallery(label="Reconstruction, edit", format="png", columns=2)
                             with gr.Row():

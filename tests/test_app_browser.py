@@ -3,9 +3,9 @@
 Opens the page, types a prompt, clicks Generate, waits for the image, checks it appeared and
 saves a screenshot (under `outputs/tests/app/`, or $ATTNEDIT_TEST_OUTPUT); then clicks a pixel of
 the Attention maps image for its self-attention, draws a box on the Multi-subject canvas, paints
-a MasaCtrl mask with the mouse and runs with it, and checks that a bad size shows its reason in
-the page. In CI (CI=true) a
-missing browser or Playwright fails the test; elsewhere it skips.
+a MasaCtrl mask with the mouse and runs with it, paints on an uploaded photo and edits it, and
+checks that a bad size shows its reason in the page. In CI (CI=true) a missing browser or
+Playwright fails the test; elsewhere it skips.
 """
 
 from __future__ import annotations
@@ -106,6 +106,36 @@ def _paint_a_mask_and_run_masactrl(page) -> None:
                            "?.includes('(3 images), drawn mask')", timeout=90_000)
 
 
+def _paint_on_the_upload_and_edit(page, folder: Path) -> None:
+    """Upload a photo to edit: the mask canvas shows it (fitted, enlarged); paint on it and edit."""
+    from PIL import Image, ImageDraw
+
+    photo = Image.new("RGB", (300, 200), "white")
+    ImageDraw.Draw(photo).ellipse((40, 40, 160, 160), fill=(200, 30, 30))
+    photo.save(folder / "photo.png")
+    page.locator("#edit-image input[type=file]").set_input_files(str(folder / "photo.png"))
+    steps = page.locator("#edit-steps input[type=number]")
+    steps.fill("2")
+    steps.press("Enter")
+    page.locator("#edit-use-mask input[type=checkbox]").check()
+    canvas = page.locator("#edit-mask canvas").first
+    canvas.scroll_into_view_if_needed()
+    page.wait_for_timeout(2000)  # the canvas takes the fitted upload as its background
+    page.locator("#edit-mask button[aria-label=Brush]").click()
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2 - 40, box["y"] + box["height"] / 2 - 20
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for i in range(1, 21):
+        page.mouse.move(x + i * 4, y + i * 2, steps=3)
+    page.mouse.up()
+    page.get_by_role("button", name="Invert and edit").click()
+    # 64x40 is the upload fitted to the model: a canvas of another size would be refused with its reason
+    page.wait_for_function("() => (document.querySelector('#edit-info') || {}).innerText"
+                           "?.includes('2 steps, 40x64') && document.querySelector('#edit-info').innerText"
+                           ".includes('drawn mask')", timeout=90_000)
+
+
 def _a_bad_size_shows_its_reason(page) -> None:
     page.get_by_role("tab", name="Generate").click()
     width = page.locator("#generate-width input")
@@ -156,6 +186,7 @@ def test_page_generates_an_image_in_headless_chromium(tmp_path):
                     _draw_a_box_on_the_canvas(page)
                 if page.get_by_role("tab", name="Consistent & edit").count():
                     _paint_a_mask_and_run_masactrl(page)
+                    _paint_on_the_upload_and_edit(page, tmp_path)
                 _a_bad_size_shows_its_reason(page)
             finally:
                 browser.close()
