@@ -66,16 +66,23 @@ def build_tokenizer(words: tuple[str, ...] = VOCABULARY, max_length: int = MAX_L
     raise RuntimeError(f"could not make single tokens of {broken}")
 
 
+def build_vae():
+    """64x64 RGB <-> 16x16x4; no attention in the mid block (faster, and no blob artefacts)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
+        latent_channels=4, norm_num_groups=16, sample_size=64, mid_block_add_attention=False,
+    )
+
+
 def build_models(vocab_size: int, seed: int = 0):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
-        latent_channels=4, norm_num_groups=16, sample_size=64,
-    )
+    vae = build_vae()
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=64,
@@ -134,11 +141,18 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 def train_vae(vae, data: Dataset, steps: int, batch: int, lr: float, gen: torch.Generator, log,
-              crop: int = 64) -> float:
+              crop: int = 64, latent_noise: float = 0.1, decoder_only: bool = False) -> float:
     """Reconstruction (L1 + MSE) of the posterior mean; `crop` < 64 trains on random crops (the
-    networks are convolutional, so they apply to full images unchanged) at a fraction of the cost."""
+    networks are convolutional, so they apply to full images unchanged) at a fraction of the cost.
+
+    The decoder sees the mean plus Gaussian noise of `latent_noise` times the latents' spread: a
+    denoiser never lands exactly on an encoder output, and a decoder trained only on exact means
+    turns its small errors into coloured speckle. `decoder_only` keeps the encoder (so the latent
+    space, and any denoiser trained on it, stays valid) and sharpens the decoder alone.
+    """
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()] if decoder_only else vae.parameters()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     loss_ema = None
     from tqdm import tqdm
 
@@ -150,12 +164,18 @@ def train_vae(vae, data: Dataset, steps: int, batch: int, lr: float, gen: torch.
         if crop < x.shape[-1]:
             oy, ox = (int(v) for v in torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=gen) // 4 * 4)
             x = x[..., oy:oy + crop, ox:ox + crop]
-        post = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(x).latent_dist
         # Deterministic autoencoding of the posterior mean: sampling with the initial unit variance
         # drowns the small latents in noise and slows training many times over. The log-variance is
         # pushed far down instead, so `latent_dist.sample()` (used by some pipelines) stays the mean.
-        rec = vae.decode(post.mean).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-2 * (post.logvar + 12.0).clamp(min=0).mean()
+        z = post.mean
+        if latent_noise > 0:
+            z = z + latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        if not decoder_only:
+            loss = loss + 1e-2 * (post.logvar + 12.0).clamp(min=0).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -164,7 +184,7 @@ def train_vae(vae, data: Dataset, steps: int, batch: int, lr: float, gen: torch.
         if step % 200 == 0 or step == steps - 1:
             log({"stage": "vae", "step": step, "loss": loss_ema})
     vae.eval()
-    return float(loss_ema)
+    return float("nan") if loss_ema is None else float(loss_ema)
 
 
 @torch.no_grad()
@@ -205,13 +225,24 @@ def sample_grid(vae, text, unet, tok, scale: float, prompts: list[str], seed: in
         e_u, e_c = eps.chunk(2)
         lat = sched.step(e_u + guidance * (e_c - e_u), t, lat).prev_sample
     img = ((vae.decode(lat / scale).sample.clamp(-1, 1) + 1) * 127.5).round().byte()
-    img = img.permute(0, 2, 3, 1).numpy()
-    cols = 4
+    return image_grid(img.permute(0, 2, 3, 1).numpy())
+
+
+def image_grid(images: np.ndarray, cols: int = 4) -> np.ndarray:
+    """(n, h, w, 3) uint8 images as one grid, `cols` wide, white where the last row is short."""
+    n, h, w, _ = images.shape
     rows = -(-n // cols)
-    grid = np.full((rows * 64, cols * 64, 3), 255, np.uint8)
+    grid = np.full((rows * h, cols * w, 3), 255, np.uint8)
     for i in range(n):
-        grid[(i // cols) * 64:(i // cols + 1) * 64, (i % cols) * 64:(i % cols + 1) * 64] = img[i]
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = images[i]
     return grid
+
+
+@torch.no_grad()
+def ema_update(ema_models, models, decay: float) -> None:
+    for ema, model in zip(ema_models, models):
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - decay)
 
 
 def save_pipeline(out: Path, vae, text, unet, tok, scale: float, meta: dict) -> None:
@@ -241,6 +272,12 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-crop", type=int, default=64, help="train the VAE on random crops of this size")
     ap.add_argument("--vae-init", default=None, help="start the VAE from a checkpoint of this script")
+    ap.add_argument("--vae-latent-noise", type=float, default=0.1,
+                    help="noise added to the latents the decoder trains on, relative to their spread")
+    ap.add_argument("--vae-decoder-only", action="store_true",
+                    help="train only the decoder (the encoder and so the latent space stay as in --vae-init)")
+    ap.add_argument("--vae-only", action="store_true",
+                    help="train the VAE, write WORK/vae.pt (for --vae-init here and in train_dit) and stop")
     ap.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=6e-4)
@@ -291,11 +328,20 @@ def run(args: argparse.Namespace) -> int:
         gen.set_state(state["gen"])
         print(f"resumed at step {start}")
     else:
-        if args.vae_init:
-            vae.load_state_dict(torch.load(args.vae_init, weights_only=False)["vae"])
-        vae_loss = train_vae(vae, data, args.vae_steps, args.vae_batch, args.vae_lr, gen, log, crop=args.vae_crop)
+        init = torch.load(args.vae_init, weights_only=False) if args.vae_init else {}
+        if init:
+            vae.load_state_dict(init["vae"])
+        vae_loss = train_vae(vae, data, args.vae_steps, args.vae_batch, args.vae_lr, gen, log, crop=args.vae_crop,
+                             latent_noise=args.vae_latent_noise, decoder_only=args.vae_decoder_only)
+        if args.vae_steps == 0 and init:
+            vae_loss = float(init.get("vae_loss", float("nan")))
         vae.eval()
-        log({"stage": "vae-check", "detector_agreement_on_reconstructions": vae_agreement(vae)})
+        agreement = vae_agreement(vae)
+        log({"stage": "vae-check", "detector_agreement_on_reconstructions": agreement})
+        print(f"VAE reconstructions read back exactly: {agreement:.1%}")
+        if args.vae_only:
+            torch.save({"vae": vae.state_dict(), "vae_loss": vae_loss, "agreement": agreement}, work / "vae.pt")
+            return 0
         scale = None
         ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
     vae.eval().requires_grad_(False)
@@ -335,11 +381,7 @@ def run(args: argparse.Namespace) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
-            for ema, model in ((ema_unet, unet), (ema_text, text)):
-                for pe, p in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(p, 1 - decay)
+        ema_update((ema_unet, ema_text), (unet, text), min(args.ema, (1 + step) / (10 + step)))
         loss_ema = loss.item() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss.item()
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if (step + 1) % args.every == 0 or step + 1 == args.steps:

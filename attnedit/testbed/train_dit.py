@@ -1,0 +1,221 @@
+"""Train `shapes-dit`: a small FLUX-architecture model of the testbed world, by flow matching.
+
+    python -m attnedit.testbed.train --vae-only --work /tmp/tb/vae          # the shared VAE
+    python -m attnedit.testbed.train_dit --vae-init /tmp/tb/vae/vae.pt --out assets/models/shapes-dit
+
+Why a second model: CLEAR and every DiT path (joint attention, RoPE, image tokens on a packed grid)
+need a real trained transformer to show what they do. It is a stock diffusers `FluxPipeline`:
+`FluxTransformer2DModel` (double- and single-stream blocks), a CLIP text encoder for the pooled
+vector and a T5 encoder for the token sequence (both over the world's vocabulary), and the testbed
+VAE of `shapes-sd` (64x64 RGB <-> 16x16x4, packed 2x2 into 8x8 = 64 image tokens).
+
+Training: rectified flow (x_t = (1 - t) x0 + t noise, the transformer predicts noise - x0) with
+logit-normal t, 10% empty captions so classifier-free guidance works, EMA weights. There is no
+guidance embedding (nothing to distil it from), so guidance is true CFG with an empty negative
+prompt: `attnedit.load("shapes-dit")` maps its `guidance` onto `true_cfg_scale`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .train import Dataset, build_tokenizer, build_vae, ema_update, encode_all, image_grid, lr_at, tokenize
+from .world import VOCABULARY
+
+T5_LENGTH = 24
+
+
+def build_t5_tokenizer(words: tuple[str, ...] = VOCABULARY, max_length: int = T5_LENGTH):
+    """A Unigram T5 tokenizer in which every world word is one piece (`▁word`).
+
+    Single printable characters stay in the vocabulary at lower scores, so any text tokenizes.
+    """
+    from transformers import T5Tokenizer
+
+    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -1.0, ",": -0.5}
+    for w in words:
+        pieces["▁" + w] = 0.0
+    for c in (chr(c) for c in range(33, 127)):
+        pieces.setdefault(c, -2.0)
+        pieces.setdefault("▁" + c, -1.5)
+    return T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=max_length)
+
+
+def build_dit_models(clip_vocab: int, t5_vocab: int, seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from .train import MAX_LENGTH
+
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=clip_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=64,
+    ))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=t5_vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=16, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+    ))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
+        axes_dims_rope=(8, 12, 12),
+    )
+    return clip, t5, transformer
+
+
+def flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=1.0)
+
+
+def make_pipeline(vae, clip, tok, t5, t5_tok, transformer, shift: float, scale: float):
+    from diffusers import FluxPipeline
+
+    vae = copy.deepcopy(vae)
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    pipe = FluxPipeline(scheduler=flow_scheduler(), vae=vae, text_encoder=copy.deepcopy(clip), tokenizer=tok,
+                        text_encoder_2=copy.deepcopy(t5), tokenizer_2=t5_tok, transformer=copy.deepcopy(transformer))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample_grid(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: float = 4.0):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    out = pipe(prompts, negative_prompt=[""] * len(prompts), true_cfg_scale=guidance, num_inference_steps=steps,
+               height=64, width=64, generator=gens, max_sequence_length=T5_LENGTH, output_type="np")
+    return image_grid((out.images * 255).round().astype("uint8"))
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="attnedit testbed train-dit", description=__doc__, add_help=add_help,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="assets/models/shapes-dit", help="pipeline folder to write")
+    ap.add_argument("--work", default="/tmp/testbed-dit", help="checkpoints, sample grids, log")
+    ap.add_argument("--vae-init", required=True, help="VAE checkpoint of `train --vae-only` (shared with shapes-sd)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", type=int, default=8000, help="pre-rendered training images")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--cfg-drop", type=float, default=0.1)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--every", type=int, default=500, help="sample grid + checkpoint period")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusers import FluxPipeline
+    from PIL import Image
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def log(row: dict) -> None:
+        with open(work / "log.jsonl", "a") as f:
+            f.write(json.dumps({**row, "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+
+    tok, t5_tok = build_tokenizer(), build_t5_tokenizer()
+    data = Dataset(args.seed, args.data)
+    vae = build_vae()
+    vae.load_state_dict(torch.load(args.vae_init, weights_only=False)["vae"])
+    vae.eval().requires_grad_(False)
+    clip, t5, transformer = build_dit_models(len(tok), len(t5_tok), args.seed)
+    latents = encode_all(vae, data)
+    shift, scale = float(latents.mean()), float(1.0 / latents.std())
+    ema_models = [copy.deepcopy(m) for m in (clip, t5, transformer)]
+    params = [p for m in (clip, t5, transformer) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(args.seed)
+    ckpt, start = work / "checkpoint.pt", 0
+    if args.resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        for m, key in zip((clip, t5, transformer, *ema_models), ("clip", "t5", "dit", "ema_clip", "ema_t5", "ema_dit")):
+            m.load_state_dict(state[key])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start = state["step"]
+        print(f"resumed at step {start}")
+    h = w = latents.shape[-1]
+    img_ids = FluxPipeline._prepare_latent_image_ids(args.batch, h // 2, w // 2, "cpu", torch.float32)
+    txt_ids = torch.zeros(T5_LENGTH, 3)
+    probe = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a magenta ring",
+             "a cyan circle", "a red star and a blue ring", "a green square left of a yellow triangle",
+             "two red circles", "a blue triangle above a magenta square", "three cyan stars",
+             "a red square, a green circle and a blue star"]
+    for m in (clip, t5, transformer):
+        m.train()
+    loss_ema = None
+    bar = tqdm(range(start, args.steps), desc="dit", mininterval=5, initial=start, total=args.steps)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, 200)
+        idx = torch.randint(len(data), (args.batch,), generator=gen)
+        drop = torch.rand(args.batch, generator=gen) < args.cfg_drop
+        caps = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        x0 = (latents[idx] - shift) * scale
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal, as SD3 trains
+        tt = t.view(-1, 1, 1, 1)
+        xt = FluxPipeline._pack_latents((1 - tt) * x0 + tt * noise, args.batch, 4, h, w)
+        target = FluxPipeline._pack_latents(noise - x0, args.batch, 4, h, w)
+        pooled = clip(tokenize(tok, caps)).pooler_output
+        seq = t5(t5_tok(caps, padding="max_length", max_length=T5_LENGTH, truncation=True,
+                        return_tensors="pt").input_ids)[0]
+        pred = transformer(hidden_states=xt, timestep=t, guidance=None, pooled_projections=pooled,
+                           encoder_hidden_states=seq, txt_ids=txt_ids, img_ids=img_ids).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema_models, (clip, t5, transformer), min(args.ema, (1 + step) / (10 + step)))
+        loss_ema = loss.item() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss.item()
+        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        if (step + 1) % args.every == 0 or step + 1 == args.steps:
+            log({"stage": "dit", "step": step + 1, "loss": loss_ema})
+            pipe = make_pipeline(vae, ema_models[0], tok, ema_models[1], t5_tok, ema_models[2], shift, scale)
+            Image.fromarray(sample_grid(pipe, probe, seed=step)).save(work / f"samples_{step + 1:06d}.png")
+            state = {"clip": clip.state_dict(), "t5": t5.state_dict(), "dit": transformer.state_dict(),
+                     "ema_clip": ema_models[0].state_dict(), "ema_t5": ema_models[1].state_dict(),
+                     "ema_dit": ema_models[2].state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                     "gen": gen.get_state()}
+            torch.save(state, work / "checkpoint.tmp")
+            os.replace(work / "checkpoint.tmp", ckpt)
+    pipe = make_pipeline(vae, ema_models[0], tok, ema_models[1], t5_tok, ema_models[2], shift, scale)
+    pipe.to(torch.float16)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    meta = {"steps": 20, "guidance": 4.0, "height": 64, "width": 64, "call": {"max_sequence_length": T5_LENGTH},
+            "trained": {"seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+                        "final_loss": loss_ema, "shift_factor": shift, "scaling_factor": scale,
+                        "wall_s": round(time.time() - t0, 1)}}
+    (out / "attnedit.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log({"stage": "saved", "out": str(out), **meta["trained"]})
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
