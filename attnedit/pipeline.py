@@ -291,9 +291,16 @@ class EditPipeline:
             from .tiny import tiny_call_kwargs
 
             return tiny_call_kwargs(self.family.name)
+        out: dict[str, Any] = {}
         if self.family.name == "pixart":
-            return {"use_resolution_binning": False, "clean_caption": False}
-        return {}
+            out = {"use_resolution_binning": False, "clean_caption": False}
+        # a model folder's own call arguments (`attnedit.json` "call"), e.g. shapes-dit's short T5 sequence
+        return {**out, **self.settings.get("call", {})}
+
+    @property
+    def true_cfg(self) -> bool:
+        """FLUX without a guidance embedding (shapes-dit, FLUX.1-schnell-like): `guidance` is true CFG."""
+        return self.family.name == "flux" and not getattr(self.denoiser.config, "guidance_embeds", True)
 
     def controller(self, controls: Sequence[Control]) -> Controller:
         return Controller(self.pipe, list(controls))
@@ -357,6 +364,11 @@ class EditPipeline:
                 raise ValueError(f"latents are {latents.dtype} on {latents.device}; the model is {self.dtype} on "
                                  f"{self.device}")
         call = {**self.call_defaults(), **pipe_kwargs}
+        if self.true_cfg and guidance > 1.0:
+            # a separate unconditional pass (against an empty prompt unless one is given)
+            call.setdefault("true_cfg_scale", guidance)
+            if negative_prompt is None:
+                negative_prompt = ""
         cfg = guidance > 1.0 and self.family.name != "flux"
         if layout is not None and layout.size != (2 * n if cfg else n):
             raise ValueError(f"layout has {layout.size} rows, the batch has {2 * n if cfg else n}")

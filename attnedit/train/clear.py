@@ -109,6 +109,8 @@ def teacher_samples(
     """Self-generated data: teacher latents x0 (packed) and cached text embeddings, one row per sample."""
     pipe = edit_pipe.pipe
     call = edit_pipe.call_defaults()
+    if edit_pipe.true_cfg and guidance > 1.0:  # no guidance embedding: CFG against an empty prompt
+        call = {"true_cfg_scale": guidance, "negative_prompt": "", **call}
     msl = int(call.get("max_sequence_length", 512))
     rows: dict[str, list[torch.Tensor]] = {"x0": [], "prompt_embeds": [], "pooled": []}
     for i in range(num_samples):
