@@ -1,14 +1,17 @@
 """Detector rates of a trained testbed model, with plain diffusers (no attnedit control involved).
 
     HF_HUB_OFFLINE=1 python benchmarks/testbed_eval.py --model assets/models/shapes-sd --seeds 2
+    HF_HUB_OFFLINE=1 python benchmarks/testbed_eval.py --model assets/models/shapes-dit --seeds 2
 
 Single-object prompts: every (colour, shape) pair of the world, ``--seeds`` images each; the sample
 counts when the detector finds the requested object (right shape AND colour). Two- and three-object
 prompts: captions of the world's "pair" and "triple" styles (world seed 99); a sample counts when all
 named objects are present. "exact" also requires nothing else to be detected. Also prints
 attribute binding (colour on the right shape) and the share of samples where some named object is
-missing (neglect). Why plain diffusers: these are the numbers of the model itself, the baseline
-every attention-control method is compared against.
+missing (neglect). Steps, guidance and call arguments default to the model folder's `attnedit.json`;
+a FLUX model without a guidance embedding (shapes-dit) gets true CFG against an empty prompt.
+Why plain diffusers: these are the numbers of the model itself, the baseline every
+attention-control method is compared against.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,20 +31,33 @@ from attnedit.testbed.detector import all_present, attribute_binding, detect, ob
 from attnedit.testbed.world import COLOURS, SHAPES, World, parse_prompt
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, chunk: int) -> list:
+def call_kwargs(pipe, guidance: float, call: dict) -> dict:
+    """Guidance as the pipeline takes it: `guidance_scale`, or true CFG for FLUX without a guidance embedding."""
+    cfg = getattr(pipe, "transformer", None)
+    if cfg is not None and type(pipe).__name__ == "FluxPipeline" and not cfg.config.guidance_embeds:
+        return {**call, "true_cfg_scale": guidance}
+    return {**call, "guidance_scale": guidance}
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, chunk: int,
+             call: dict | None = None) -> list:
     """uint8 images for (prompt, seed) pairs, in chunks (one generator per image: order-independent)."""
     out = []
+    kw = call_kwargs(pipe, guidance, call or {})
     for i in range(0, len(prompts), chunk):
         ps, ss = prompts[i:i + chunk], seeds[i:i + chunk]
         gens = [torch.Generator().manual_seed(s) for s in ss]
-        images = pipe(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                      height=64, width=64, output_type="np").images
+        if "true_cfg_scale" in kw:
+            kw["negative_prompt"] = [""] * len(ps)
+        images = pipe(ps, num_inference_steps=steps, generator=gens, height=64, width=64, output_type="np",
+                      **kw).images
         out.extend((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     return out
 
 
-def evaluate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, chunk: int) -> dict:
-    images = generate(pipe, prompts, seeds, steps, guidance, chunk)
+def evaluate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, chunk: int,
+             call: dict | None = None) -> dict:
+    images = generate(pipe, prompts, seeds, steps, guidance, chunk, call)
     found = [detect(im) for im in images]
     present = [all_present(p, f) for p, f in zip(prompts, found)]
     # exact: the detected objects are the requested ones and nothing else (no extra blobs, no unknowns)
@@ -58,17 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="assets/models/shapes-sd")
     ap.add_argument("--seeds", type=int, default=2, help="seeds per single-object prompt")
     ap.add_argument("--multi", type=int, default=40, help="two- and three-object prompts each")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--steps", type=int, default=None, help="default: the model's attnedit.json")
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's attnedit.json")
     ap.add_argument("--chunk", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the rates here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    settings_file = Path(args.model) / "attnedit.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    args.steps = args.steps or int(settings.get("steps", 25))
+    args.guidance = args.guidance if args.guidance is not None else float(settings.get("guidance", 5.0))
+    call = settings.get("call", {})
     single = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
     sets = {"single": ([p for p in single for _ in range(args.seeds)],
                        [k for _ in single for k in range(args.seeds)])}
@@ -79,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, (prompts, seeds) in sets.items():
         t0 = time.perf_counter()
-        res = evaluate(pipe, prompts, seeds, args.steps, args.guidance, args.chunk)
+        res = evaluate(pipe, prompts, seeds, args.steps, args.guidance, args.chunk, call)
         res.pop("images")
         res["seconds"] = round(time.perf_counter() - t0, 1)
         rows[name] = res

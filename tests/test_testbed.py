@@ -122,6 +122,22 @@ def test_dit_training_smoke_saves_a_loadable_flux_pipeline(tmp_path):
     plain = pipe("a red circle", steps=2, seed=0, guidance=1.0).image
     assert np.abs(np.asarray(plain, np.int16) - np.asarray(result.image, np.int16)).max() > 0
 
+    # a decoder trained later drops in (same encoder); a VAE with another encoder is refused
+    import torch
+
+    from attnedit.testbed.train import build_vae, install_vae
+
+    state = torch.load(work / "vae.pt", weights_only=False)
+    state["vae"]["decoder.conv_out.bias"] = state["vae"]["decoder.conv_out.bias"] + 0.5
+    torch.save(state, tmp_path / "sharper.pt")
+    install_vae(out, tmp_path / "sharper.pt")
+    assert np.asarray(attnedit.load(out)("a red circle", steps=2, seed=0).image).mean() > np.asarray(
+        result.image).mean()
+    torch.manual_seed(1)
+    torch.save({"vae": build_vae().state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="another encoder"):
+        install_vae(out, tmp_path / "other.pt")
+
 
 def test_bundled_shapes_sd_draws_the_requested_objects():
     """Real assertion on the trained weights (plain diffusers, 25 DDIM steps, CFG 5, seed 0).

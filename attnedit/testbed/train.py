@@ -260,6 +260,26 @@ def save_pipeline(out: Path, vae, text, unet, tok, scale: float, meta: dict) -> 
     (out / "attnedit.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def install_vae(folder: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
+    """Put the VAE weights of `checkpoint` into the pipeline `folder`, keeping its VAE config.
+
+    Why: the denoiser stages read only the encoder, which `--vae-decoder-only` leaves unchanged, so
+    a sharpened decoder trained in parallel drops into finished models (scaling/shift stay valid).
+    """
+    from diffusers import AutoencoderKL
+
+    target = Path(folder) / "vae"
+    vae = AutoencoderKL.from_pretrained(target, torch_dtype=torch.float32, local_files_only=True)
+    state = torch.load(checkpoint, weights_only=False)["vae"]
+    enc = {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    # the folder holds fp16 weights: compare at that precision
+    changed = [k for k, v in enc.items() if not torch.equal(v, state[k].half().float())]
+    if changed:
+        raise ValueError(f"{checkpoint} has another encoder than {target} ({changed[0]}...): retrain the denoiser")
+    vae.load_state_dict(state)
+    vae.to(torch.float16).save_pretrained(target, safe_serialization=True)
+
+
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="attnedit testbed train", description=__doc__, add_help=add_help,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,6 +296,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     help="noise added to the latents the decoder trains on, relative to their spread")
     ap.add_argument("--vae-decoder-only", action="store_true",
                     help="train only the decoder (the encoder and so the latent space stay as in --vae-init)")
+    ap.add_argument("--install-vae-into", default=None, metavar="FOLDER",
+                    help="write the --vae-init VAE into a trained pipeline folder (same encoder) and stop")
     ap.add_argument("--vae-only", action="store_true",
                     help="train the VAE, write WORK/vae.pt (for --vae-init here and in train_dit) and stop")
     ap.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
@@ -295,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    if args.install_vae_into:
+        if not args.vae_init:
+            raise SystemExit("--install-vae-into needs --vae-init (the VAE checkpoint to install)")
+        install_vae(args.install_vae_into, args.vae_init)
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
