@@ -371,17 +371,23 @@ class Controller:
     # ------------------------------------------------------------------------------- for controls
     @contextmanager
     def pass_phase(self, phase: str, layout: BatchLayout | None = None, step: int | None = None) -> Iterator[None]:
-        """Run forwards as another phase (guidance, inversion), optionally with a fixed layout/step."""
+        """Run forwards as another phase (guidance, inversion), optionally with a fixed layout/step.
+
+        The step fields (timestep, step, t) come back as they were: forwards of another phase never
+        count as the denoising forward of the current timestep.
+        """
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
-        saved = (self.phase, self.layout_override, self._forced_step, self._active_cache)
+        saved = (self.phase, self.layout_override, self._forced_step,
+                 self.timestep, self.step, self.t, self._saw_forward)
         self.phase, self.layout_override, self._active_cache = phase, layout, None
         if step is not None:
             self._forced_step = step
         try:
             yield
         finally:
-            self.phase, self.layout_override, self._forced_step, _ = saved
+            (self.phase, self.layout_override, self._forced_step,
+             self.timestep, self.step, self.t, self._saw_forward) = saved
             self._active_cache = None
 
     def active_controls(self, layer: LayerInfo) -> list[Control]:

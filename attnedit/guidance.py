@@ -406,7 +406,6 @@ class GuidanceControl(Control):
         ctrl = run.pipe._attnedit_controller
         t = run.pipe.scheduler.timesteps[step]
         b = z.shape[0]
-        saved = (ctrl.timestep, ctrl.step, ctrl.t, ctrl._saw_forward)
         self.state.maps = {}
         self.state.in_pass = True
         try:
@@ -416,10 +415,7 @@ class GuidanceControl(Control):
                 except _StopForward:
                     pass
         finally:
-            self.state.in_pass = False
-            # the guidance pass must not count as the denoising forward of this timestep
-            ctrl.timestep, ctrl.step, ctrl.t, ctrl._saw_forward = saved
-            ctrl._active_cache = None
+            self.state.in_pass = False  # pass_phase restored the step fields
         missing = [n for n in self.state.layer_names if n not in self.state.maps]
         if missing:
             raise RuntimeError(f"guidance pass did not reach layer(s) {missing[:3]}")
