@@ -6,6 +6,7 @@ full-attention teacher with the same prompts and seeds:
 - PSNR/SSIM of the final images,
 for the untrained window (teacher weights + CLEAR) and for the student (adapter + CLEAR).
 
+    python benchmarks/quality_clear.py --model shapes-dit --size 64 --radius 2 --down-factor 2 --steps 300
     python benchmarks/quality_clear.py --model tiny-flux --size 128 --radius 2 --down-factor 2 --steps 300
 
 The testbed DiT (`shapes-dit`) is the intended model; the tiny random FLUX only shows the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import statistics
 import sys
@@ -24,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,9 +40,12 @@ from speed import _tensor, psnr, ssim  # noqa: E402
 import attnedit  # noqa: E402
 from attnedit.controller import Controller  # noqa: E402
 from attnedit.methods.clear import CLEAR  # noqa: E402
-from attnedit.train.clear import DEFAULT_PROMPTS, distill_clear, teacher_samples  # noqa: E402
+from attnedit.testbed.detector import all_present, detect  # noqa: E402
+from attnedit.train.clear import distill_clear, teacher_samples  # noqa: E402
 
-HELD_OUT = ("a yellow square below a red triangle", "three blue circles", "a green square and a purple circle")
+HELD_OUT = ("a yellow square below a red triangle", "three blue circles", "a green square and a magenta circle")
+#: world captions (assets/testbed/prompts/fast.json): the testbed detector can read their images
+PROMPTS = tuple(json.loads((ROOT / "assets" / "testbed" / "prompts" / "fast.json").read_text())["prompts"])
 
 
 @torch.no_grad()
@@ -73,7 +79,7 @@ def velocity_error(edit_pipe, controls: list, data: dict[str, torch.Tensor], siz
 def held_out(teacher, size: int, n: int, seed: int = 1000) -> dict[str, torch.Tensor]:
     """Held-out teacher samples with fixed (x_t, t) and the teacher's velocity on them."""
     data = teacher_samples(teacher, HELD_OUT, n, steps=teacher.default_steps(), height=size, width=size,
-                           guidance=3.5, seed=seed)
+                           guidance=teacher.recommended()["guidance"], seed=seed)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(data["x0"].shape, generator=g)
     t = torch.rand(n, generator=g) * 0.8 + 0.1
@@ -97,13 +103,21 @@ def _raw_velocity(edit_pipe, d: dict[str, torch.Tensor], size: int) -> torch.Ten
                txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0].float().cpu()
 
 
-def image_scores(edit_pipe, controls_fn, base: dict, size: int) -> tuple[float, float]:
-    ps, ss = [], []
+def objects_right(prompt: str, image) -> bool:
+    """The testbed detector finds every object the caption names (meaningful on shapes-dit only)."""
+    return all_present(prompt, detect(np.asarray(image.convert("RGB"))))
+
+
+def image_scores(edit_pipe, controls_fn, base: dict, size: int) -> tuple[float, float, float]:
+    """Mean PSNR/SSIM against the teacher's images, and the share with every named object detected."""
+    ps, ss, ok = [], [], []
     for (prompt, seed), ref in base.items():
-        img = _tensor(edit_pipe.generate(prompt, seed=seed, height=size, width=size, controls=controls_fn()).image)
+        image = edit_pipe.generate(prompt, seed=seed, height=size, width=size, controls=controls_fn()).image
+        img = _tensor(image)
         ps.append(min(psnr(img, ref), 100.0))
         ss.append(ssim(img, ref))
-    return statistics.mean(ps), statistics.mean(ss)
+        ok.append(objects_right(prompt, image))
+    return statistics.mean(ps), statistics.mean(ss), statistics.mean(ok)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,33 +146,39 @@ def main(argv: list[str] | None = None) -> int:
     log(f"- command: `{cmd}`")
     log(f"- {args.size}x{args.size} px, radius {radius}, down_factor {df}, {args.steps} steps (AdamW lr {args.lr}), "
         f"{args.samples} self-generated teacher samples; held-out: {args.held_out} other samples; images: "
-        f"{len(DEFAULT_PROMPTS)} training prompts x seeds {args.seeds}")
+        f"{len(PROMPTS)} prompts (assets/testbed/prompts/fast.json, also the distillation prompts) x seeds "
+        f"{args.seeds}")
     log("- velocity error = MSE(pred, teacher) / mean(teacher^2) on held-out (x_t, t); PSNR/SSIM of final images "
         "against the teacher's (same prompt and seed)\n")
     teacher = attnedit.load(args.model)
     data = held_out(teacher, args.size, args.held_out)
-    base = {(p, s): _tensor(teacher.generate(p, seed=s, height=args.size, width=args.size).image)
-            for p in DEFAULT_PROMPTS for s in args.seeds}
-    log("| model | loss weights (flow, distill, attention) | velocity error | image PSNR dB | image SSIM | train s |")
-    log("|---|---|---|---|---|---|")
+    teacher_images = {(p, s): teacher.generate(p, seed=s, height=args.size, width=args.size).image
+                      for p in PROMPTS for s in args.seeds}
+    base = {k: _tensor(v) for k, v in teacher_images.items()}
+    right = statistics.mean(objects_right(p, im) for (p, _), im in teacher_images.items())
+    log("| model | loss weights (flow, distill, attention) | velocity error | image PSNR dB | image SSIM "
+        "| objects right | train s |")
+    log("|---|---|---|---|---|---|---|")
+    log(f"| teacher (full attention) | - | 0 | - | - | {right:.0%} | - |")
     window = lambda: [CLEAR(radius=radius, down_factor=df)]  # noqa: E731
     err = velocity_error(teacher, window(), data, args.size)
-    p, s = image_scores(teacher, window, base, args.size)
-    log(f"| window, not distilled | - | {err:.4f} | {p:.2f} | {s:.4f} | - |")
+    p, s, ok = image_scores(teacher, window, base, args.size)
+    log(f"| window, not distilled | - | {err:.4f} | {p:.2f} | {s:.4f} | {ok:.0%} | - |")
     with tempfile.TemporaryDirectory() as tmp:
         for weights in ((1.0, 0.5, 0.5), (0.0, 1.0, 1.0)):
             path = Path(tmp) / f"student-{weights[0]}.safetensors"
             t0 = time.perf_counter()
             res = distill_clear(args.model, path, radius=radius, down_factor=df, num_samples=args.samples,
                                 height=args.size, width=args.size, max_steps=args.steps, lr=args.lr,
-                                loss_weights=weights, progress=False, seed=0)
+                                loss_weights=weights, progress=False, seed=0, prompts=PROMPTS,
+                                guidance=teacher.recommended()["guidance"])
             secs = time.perf_counter() - t0
             student = attnedit.load(args.model, clear=path)
             err = velocity_error(student, list(student.default_controls), data, args.size)  # its CLEAR window
-            p, s = image_scores(student, list, base, args.size)  # generate() adds the window itself
+            p, s, ok = image_scores(student, list, base, args.size)  # generate() adds the window itself
             first, last = statistics.mean(res.losses[:10]), statistics.mean(res.losses[-10:])
             log(f"| distilled student (loss {first:.4f} -> {last:.4f}) | {weights} | {err:.4f} | {p:.2f} | {s:.4f} "
-                f"| {secs:.0f} |")
+                f"| {ok:.0%} | {secs:.0f} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(lines) + "\n")
