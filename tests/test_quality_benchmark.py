@@ -1,0 +1,34 @@
+"""The testbed quality benchmark runs end to end on its quick prompt set (one prompt, one seed per set)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_benchmark_quick_run_writes_every_section(tmp_path):
+    quality = _load("quality")
+    out = tmp_path / "quality"
+    assert quality.main(["--model", "shapes-sd", "--quick", "--steps", "4", "--out", str(out)]) == 0
+    text = out.with_suffix(".md").read_text()
+    for section in ("plain", "multi", "masactrl", "fast"):
+        assert f"## {section}" in text and "skipped" not in text.split(f"## {section}")[1].split("##")[0]
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["plain"]["single object"]["n"] == 1
+    assert 0.0 <= results["plain"]["single object"]["all_present"] <= 1.0
+    # every multi-subject method produced a row for the one request
+    assert {"plain", "A&E", "A-STAR", "Bounded"} <= set(results["multi"])
+    assert out.with_suffix(".png").stat().st_size > 0
