@@ -30,7 +30,7 @@ from .layout import BatchLayout
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_DIR = Path(os.environ.get("ATTNEDIT_MODELS", REPO_ROOT / "assets" / "models"))
 TINY_PREFIX = "tiny-"
-DEFAULT_MODEL = "tiny-sd"
+DEFAULT_MODEL = "shapes-sd"
 
 _LOAD_OPTIONS = ("variant", "revision", "local_files_only", "cache_dir", "token", "use_safetensors")
 # attnedit adapters loaded after the pipeline: option -> (module, function(edit_pipe, path))

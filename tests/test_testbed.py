@@ -142,9 +142,9 @@ def test_dit_training_smoke_saves_a_loadable_flux_pipeline(tmp_path):
 def test_bundled_shapes_sd_draws_the_requested_objects():
     """Real assertion on the trained weights (plain diffusers, 25 DDIM steps, CFG 5, seed 0).
 
-    The bundled model is weak (see assets/models/README.md): its backgrounds are noisy and the
-    detector finds extra blobs, so this checks that the requested (shape, colour) is among the
-    detections for most of ten single-object prompts; random weights find almost none.
+    The model misses its 90% target (57% of single-object samples right, assets/models/README.md),
+    so this checks that the requested (shape, colour) is among the detections for most of ten
+    single-object prompts; random weights find almost none.
     """
     from pathlib import Path
 
