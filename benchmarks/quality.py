@@ -104,7 +104,8 @@ def masactrl_section(pipe, seeds, steps, guidance, quick) -> tuple[str, dict]:
     pairs = [tuple(tuple(o) for o in p) for p in load_prompts("edit")["pairs"]]
     summary = qmc.consistency(pipe, pairs=pairs[:1] if quick else pairs, seeds=seeds, steps=steps,
                               guidance=guidance)
-    trip = qmc.round_trip(pipe, n_images=1 if quick else 16, steps=steps)
+    trip = qmc.round_trip(pipe, n_images=1 if quick else 16, steps=steps,
+                          detect=lambda image: detect(np.asarray(image)))
     return qmc.table(summary, trip), {"consistency": summary, "round_trip": trip}
 
 
