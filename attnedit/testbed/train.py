@@ -27,6 +27,11 @@ from .world import VOCABULARY, World
 
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 MAX_LENGTH = 24
+#: prompts of the periodic sample grids (both recipes): every shape, colour and caption style
+PROBE_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow star", "a magenta ring",
+                 "a cyan circle", "a red star and a blue ring", "a green square left of a yellow triangle",
+                 "two red circles", "a blue triangle above a magenta square", "three cyan stars",
+                 "a red square, a green circle and a blue star")
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -121,6 +126,12 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def sample(self, batch: int, cfg_drop: float, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """Random indices and their captions, a `cfg_drop` share emptied for classifier-free guidance."""
+        idx = torch.randint(len(self), (batch,), generator=gen)
+        drop = torch.rand(batch, generator=gen) < cfg_drop
+        return idx, ["" if d else self.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
         x = self.images[idx].float() / 127.5 - 1.0
@@ -280,6 +291,27 @@ def install_vae(folder: str | os.PathLike, checkpoint: str | os.PathLike) -> Non
     vae.to(torch.float16).save_pretrained(target, safe_serialization=True)
 
 
+def jsonl_log(path: Path, t0: float):
+    """A function appending one JSON row (plus seconds since `t0`) per call to `path`."""
+    def log(row: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({**row, "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+
+    return log
+
+
+def add_denoiser_args(ap: argparse.ArgumentParser, *, lr: float, threads: int) -> None:
+    """The denoiser-stage options both recipes share (shapes-sd's UNet, shapes-dit's transformer)."""
+    ap.add_argument("--steps", type=int, default=3000, help="denoiser + text encoder steps")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--cfg-drop", type=float, default=0.1)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--every", type=int, default=500, help="sample grid + checkpoint period")
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--resume", action="store_true")
+
+
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="attnedit testbed train", description=__doc__, add_help=add_help,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -300,14 +332,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     help="write the --vae-init VAE into a trained pipeline folder (same encoder) and stop")
     ap.add_argument("--vae-only", action="store_true",
                     help="train the VAE, write WORK/vae.pt (for --vae-init here and in train_dit) and stop")
-    ap.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--cfg-drop", type=float, default=0.1)
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--every", type=int, default=500, help="sample grid + checkpoint period")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--resume", action="store_true")
+    add_denoiser_args(ap, lr=6e-4, threads=2)
     return ap
 
 
@@ -325,13 +350,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    log_path = work / "log.jsonl"
     t0 = time.time()
-
-    def log(row: dict) -> None:
-        row = {**row, "elapsed_s": round(time.time() - t0, 1)}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    log = jsonl_log(work / "log.jsonl", t0)
 
     from PIL import Image
     from tqdm import tqdm
@@ -384,18 +404,12 @@ def run(args: argparse.Namespace) -> int:
     unet.train()
     text.train()
     alphas = sched.alphas_cumprod
-    probe = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a magenta ring",
-             "a cyan circle", "a red star and a blue ring", "a green square left of a yellow triangle",
-             "two red circles", "a blue triangle above a magenta square", "three cyan stars",
-             "a red square, a green circle and a blue star"]
     loss_ema = None
     bar = tqdm(range(start, args.steps), desc="unet", mininterval=5, initial=start, total=args.steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, 200)
-        idx = torch.randint(len(data), (args.batch,), generator=gen)
-        drop = torch.rand(args.batch, generator=gen) < args.cfg_drop
-        caps = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        idx, caps = data.sample(args.batch, args.cfg_drop, gen)
         z = latents[idx] * scale
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
@@ -413,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if (step + 1) % args.every == 0 or step + 1 == args.steps:
             log({"stage": "unet", "step": step + 1, "loss": loss_ema})
-            grid = sample_grid(vae, ema_text.eval(), ema_unet.eval(), tok, scale, probe, seed=step)
+            grid = sample_grid(vae, ema_text.eval(), ema_unet.eval(), tok, scale, list(PROBE_PROMPTS), seed=step)
             Image.fromarray(grid).save(work / f"samples_{step + 1:06d}.png")
             torch.save({"vae": vae.state_dict(), "text": text.state_dict(), "unet": unet.state_dict(),
                         "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),

@@ -27,7 +27,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .train import Dataset, build_tokenizer, build_vae, ema_update, encode_all, image_grid, lr_at, tokenize
+from .train import (
+    PROBE_PROMPTS,
+    Dataset,
+    add_denoiser_args,
+    build_tokenizer,
+    build_vae,
+    ema_update,
+    encode_all,
+    image_grid,
+    jsonl_log,
+    lr_at,
+    tokenize,
+)
 from .world import VOCABULARY
 
 T5_LENGTH = 24
@@ -105,14 +117,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--vae-init", required=True, help="VAE checkpoint of `train --vae-only` (shared with shapes-sd)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=int, default=8000, help="pre-rendered training images")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--cfg-drop", type=float, default=0.1)
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--every", type=int, default=500, help="sample grid + checkpoint period")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--resume", action="store_true")
+    add_denoiser_args(ap, lr=5e-4, threads=1)
     return ap
 
 
@@ -130,10 +135,7 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-
-    def log(row: dict) -> None:
-        with open(work / "log.jsonl", "a") as f:
-            f.write(json.dumps({**row, "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+    log = jsonl_log(work / "log.jsonl", t0)
 
     tok, t5_tok = build_tokenizer(), build_t5_tokenizer()
     data = Dataset(args.seed, args.data)
@@ -159,10 +161,6 @@ def run(args: argparse.Namespace) -> int:
     h = w = latents.shape[-1]
     img_ids = FluxPipeline._prepare_latent_image_ids(args.batch, h // 2, w // 2, "cpu", torch.float32)
     txt_ids = torch.zeros(T5_LENGTH, 3)
-    probe = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a magenta ring",
-             "a cyan circle", "a red star and a blue ring", "a green square left of a yellow triangle",
-             "two red circles", "a blue triangle above a magenta square", "three cyan stars",
-             "a red square, a green circle and a blue star"]
     for m in (clip, t5, transformer):
         m.train()
     loss_ema = None
@@ -170,9 +168,7 @@ def run(args: argparse.Namespace) -> int:
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, 200)
-        idx = torch.randint(len(data), (args.batch,), generator=gen)
-        drop = torch.rand(args.batch, generator=gen) < args.cfg_drop
-        caps = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        idx, caps = data.sample(args.batch, args.cfg_drop, gen)
         x0 = (latents[idx] - shift) * scale
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal, as SD3 trains
@@ -195,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         if (step + 1) % args.every == 0 or step + 1 == args.steps:
             log({"stage": "dit", "step": step + 1, "loss": loss_ema})
             pipe = make_pipeline(vae, ema_models[0], tok, ema_models[1], t5_tok, ema_models[2], shift, scale)
-            Image.fromarray(sample_grid(pipe, probe, seed=step)).save(work / f"samples_{step + 1:06d}.png")
+            grid = sample_grid(pipe, list(PROBE_PROMPTS), seed=step)
+            Image.fromarray(grid).save(work / f"samples_{step + 1:06d}.png")
             state = {"clip": clip.state_dict(), "t5": t5.state_dict(), "dit": transformer.state_dict(),
                      "ema_clip": ema_models[0].state_dict(), "ema_t5": ema_models[1].state_dict(),
                      "ema_dit": ema_models[2].state_dict(), "opt": opt.state_dict(), "step": step + 1,
