@@ -93,17 +93,22 @@ def _paint_a_mask_and_run_masactrl(page) -> None:
     canvas.wait_for(state="visible", timeout=30_000)
     canvas.scroll_into_view_if_needed()
     page.locator("#consistent-mask button[aria-label=Brush]").click()
-    box = canvas.bounding_box()
-    x, y = box["x"] + box["width"] / 2 - 60, box["y"] + box["height"] / 2 - 60  # the image sits in the middle
-    page.mouse.move(x, y)
-    page.mouse.down()
-    for i in range(1, 21):
-        page.mouse.move(x + i * 6, y + i * 6, steps=3)
-    page.mouse.up()
+    _stroke(page, canvas, start=(-60, -60), step=(6, 6))  # the image sits in the middle
     page.get_by_role("button", name="Generate source and targets").click()
     # the info line of a finished run (an empty mask would be refused with its reason instead)
     page.wait_for_function("() => (document.querySelector('#consistent-info') || {}).innerText"
                            "?.includes('(3 images), drawn mask')", timeout=90_000)
+
+
+def _stroke(page, canvas, start: tuple[int, int], step: tuple[int, int]) -> None:
+    """Drag the mouse in 20 moves of `step` px from `start` px off the canvas centre (a brush stroke)."""
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2 + start[0], box["y"] + box["height"] / 2 + start[1]
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for i in range(1, 21):
+        page.mouse.move(x + i * step[0], y + i * step[1], steps=3)
+    page.mouse.up()
 
 
 def _paint_on_the_upload_and_edit(page, folder: Path) -> None:
@@ -122,13 +127,7 @@ def _paint_on_the_upload_and_edit(page, folder: Path) -> None:
     canvas.scroll_into_view_if_needed()
     page.wait_for_timeout(2000)  # the canvas takes the fitted upload as its background
     page.locator("#edit-mask button[aria-label=Brush]").click()
-    box = canvas.bounding_box()
-    x, y = box["x"] + box["width"] / 2 - 40, box["y"] + box["height"] / 2 - 20
-    page.mouse.move(x, y)
-    page.mouse.down()
-    for i in range(1, 21):
-        page.mouse.move(x + i * 4, y + i * 2, steps=3)
-    page.mouse.up()
+    _stroke(page, canvas, start=(-40, -20), step=(4, 2))
     page.get_by_role("button", name="Invert and edit").click()
     # 64x40 is the upload fitted to the model: a canvas of another size would be refused with its reason
     page.wait_for_function("() => (document.querySelector('#edit-info') || {}).innerText"
