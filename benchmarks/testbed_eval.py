@@ -33,8 +33,8 @@ from attnedit.testbed.world import COLOURS, SHAPES, World, parse_prompt
 
 def call_kwargs(pipe, guidance: float, call: dict) -> dict:
     """Guidance as the pipeline takes it: `guidance_scale`, or true CFG for FLUX without a guidance embedding."""
-    cfg = getattr(pipe, "transformer", None)
-    if cfg is not None and type(pipe).__name__ == "FluxPipeline" and not cfg.config.guidance_embeds:
+    transformer = getattr(pipe, "transformer", None)
+    if type(pipe).__name__ == "FluxPipeline" and not transformer.config.guidance_embeds:
         return {**call, "true_cfg_scale": guidance}
     return {**call, "guidance_scale": guidance}
 
