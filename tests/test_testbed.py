@@ -184,6 +184,21 @@ def test_bundled_shapes_dit_draws_the_requested_colours_and_often_the_shapes():
     assert sum(hits) >= 5, list(zip(prompts, hits))
 
 
+def test_training_options_are_checked_before_any_work(tmp_path):
+    from attnedit.testbed.train import main as train_main
+    from attnedit.testbed.train_dit import main as dit_main
+
+    with pytest.raises(SystemExit, match=r"--batch 0 \(at least 1\); --cfg-drop 1.0 \(in \[0, 1\)\)"):
+        train_main(["--work", str(tmp_path), "--batch", "0", "--cfg-drop", "1.0"])
+    with pytest.raises(SystemExit, match="--vae-latent-noise -0.1"):
+        train_main(["--work", str(tmp_path), "--vae-latent-noise", "-0.1"])
+    with pytest.raises(SystemExit, match="--vae-init .*missing.pt: no such file"):
+        dit_main(["--vae-init", str(tmp_path / "missing.pt"), "--work", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--install-vae-into needs --vae-init"):
+        train_main(["--install-vae-into", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_testbed_train_is_on_the_command_line(capsys):
     from attnedit.cli import main
 

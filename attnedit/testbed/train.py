@@ -312,6 +312,18 @@ def add_denoiser_args(ap: argparse.ArgumentParser, *, lr: float, threads: int) -
     ap.add_argument("--resume", action="store_true")
 
 
+def check_denoiser_args(args: argparse.Namespace) -> None:
+    """Refuse values the training loop would fail on late, or silently misuse, before any work."""
+    bad = [f"--{k.replace('_', '-')} {getattr(args, k)} ({rule})" for k, ok, rule in (
+        ("steps", args.steps >= 1, "at least 1"), ("batch", args.batch >= 1, "at least 1"),
+        ("lr", args.lr > 0, "positive"), ("cfg_drop", 0 <= args.cfg_drop < 1, "in [0, 1)"),
+        ("ema", 0 <= args.ema < 1, "in [0, 1)"), ("every", args.every >= 1, "at least 1"),
+        ("threads", args.threads >= 1, "at least 1"),
+    ) if not ok]
+    if bad:
+        raise SystemExit("invalid option(s): " + "; ".join(bad))
+
+
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="attnedit testbed train", description=__doc__, add_help=add_help,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -341,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_denoiser_args(args)
+    if args.vae_latent_noise < 0:
+        raise SystemExit(f"invalid option: --vae-latent-noise {args.vae_latent_noise} (0 or more)")
     torch.set_num_threads(args.threads)
     if args.install_vae_into:
         if not args.vae_init:

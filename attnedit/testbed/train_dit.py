@@ -33,6 +33,7 @@ from .train import (
     add_denoiser_args,
     build_tokenizer,
     build_vae,
+    check_denoiser_args,
     ema_update,
     encode_all,
     image_grid,
@@ -130,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
+    check_denoiser_args(args)
+    if not Path(args.vae_init).is_file():
+        raise SystemExit(f"--vae-init {args.vae_init}: no such file (write one with `train --vae-only`)")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
