@@ -90,7 +90,8 @@ def test_training_smoke_saves_a_loadable_pipeline(tmp_path):
 
     out = tmp_path / "model"
     assert main(["--out", str(out), "--work", str(tmp_path / "work"), "--data", "32", "--vae-steps", "2",
-                 "--steps", "2", "--every", "2", "--batch", "4", "--threads", "1"]) == 0
+                 "--steps", "2", "--every", "2", "--batch", "4", "--threads", "1", "--vae-whiten",
+                 "--min-snr", "5"]) == 0
     assert (tmp_path / "work" / "samples_000002.png").exists()
     pipe = attnedit.load(out)
     assert pipe.family.name == "sd" and pipe.default_size() == (64, 64)
@@ -137,6 +138,46 @@ def test_dit_training_smoke_saves_a_loadable_flux_pipeline(tmp_path):
     torch.save({"vae": build_vae().state_dict()}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="another encoder"):
         install_vae(out, tmp_path / "other.pt")
+
+
+def test_whitening_folds_per_channel_latent_statistics_into_the_vae_exactly():
+    """Per-channel zero mean / unit std after whitening; decode(encode(x)) unchanged; posterior std scaled."""
+    import torch
+
+    from attnedit.testbed.train import Dataset, build_vae, encode_all, whiten_vae
+
+    torch.manual_seed(0)
+    vae = build_vae().eval()
+    with torch.no_grad():  # make the channels very unlike each other, as a trained encoder's are
+        vae.quant_conv.weight[:4] *= torch.tensor([0.2, 1.0, 3.0, 0.5]).view(-1, 1, 1, 1)
+        vae.quant_conv.bias[:4] += torch.tensor([2.0, -1.0, 5.0, 0.0])
+    data = Dataset(3, 48)
+    x, _ = data.batch(torch.arange(8))
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist
+        rec_before = vae.decode(before.mean).sample
+    latents = encode_all(vae, data)
+    mapped = whiten_vae(vae, latents)
+    assert torch.allclose(mapped.mean((0, 2, 3)), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(mapped.std((0, 2, 3)), torch.ones(4), atol=1e-5)
+    with torch.no_grad():
+        after = vae.encode(x).latent_dist
+        rec_after = vae.decode(after.mean).sample
+    std, mean = latents.std((0, 2, 3)).view(1, -1, 1, 1), latents.mean((0, 2, 3)).view(1, -1, 1, 1)
+    assert torch.allclose(after.mean, (before.mean - mean) / std, atol=1e-4)
+    assert torch.allclose(after.std, before.std / std, rtol=1e-4)
+    assert torch.allclose(rec_after, rec_before, atol=1e-4)
+
+
+def test_min_snr_weights_on_hand_computed_values():
+    import torch
+
+    from attnedit.testbed.train import min_snr_weights
+
+    alphas = torch.tensor([0.9, 0.5, 0.1])  # SNR 9, 1, 1/9
+    w = min_snr_weights(alphas, torch.tensor([0, 1, 2]), 5.0)
+    assert torch.allclose(w, torch.tensor([5 / 9, 1.0, 1.0]))
+    assert torch.equal(min_snr_weights(alphas, torch.tensor([0, 2]), 0.0), torch.ones(2))
 
 
 def test_bundled_shapes_sd_draws_the_requested_objects():
