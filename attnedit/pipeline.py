@@ -302,6 +302,18 @@ class EditPipeline:
         """FLUX without a guidance embedding (shapes-dit, FLUX.1-schnell-like): `guidance` is true CFG."""
         return self.family.name == "flux" and not getattr(self.denoiser.config, "guidance_embeds", True)
 
+    def with_true_cfg(self, call: dict, guidance: float, negative_prompt: Any = None) -> tuple[dict, Any]:
+        """`call` with `true_cfg_scale` where `guidance` is true CFG, and the negative prompt to pass.
+
+        Why one place: generation and CLEAR's teacher samples must guide the same way (a separate
+        unconditional pass against an empty prompt unless one is given).
+        """
+        if self.true_cfg and guidance > 1.0:
+            call = {"true_cfg_scale": guidance, **call}
+            if negative_prompt is None:
+                negative_prompt = ""
+        return call, negative_prompt
+
     def controller(self, controls: Sequence[Control]) -> Controller:
         return Controller(self.pipe, list(controls))
 
@@ -363,12 +375,8 @@ class EditPipeline:
             if latents.device != self.device or latents.dtype != self.dtype:
                 raise ValueError(f"latents are {latents.dtype} on {latents.device}; the model is {self.dtype} on "
                                  f"{self.device}")
-        call = {**self.call_defaults(), **pipe_kwargs}
-        if self.true_cfg and guidance > 1.0:
-            # a separate unconditional pass (against an empty prompt unless one is given)
-            call.setdefault("true_cfg_scale", guidance)
-            if negative_prompt is None:
-                negative_prompt = ""
+        call, negative_prompt = self.with_true_cfg({**self.call_defaults(), **pipe_kwargs}, guidance,
+                                                   negative_prompt)
         cfg = guidance > 1.0 and self.family.name != "flux"
         if layout is not None and layout.size != (2 * n if cfg else n):
             raise ValueError(f"layout has {layout.size} rows, the batch has {2 * n if cfg else n}")

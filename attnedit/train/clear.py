@@ -108,9 +108,9 @@ def teacher_samples(
 ) -> dict[str, torch.Tensor]:
     """Self-generated data: teacher latents x0 (packed) and cached text embeddings, one row per sample."""
     pipe = edit_pipe.pipe
-    call = edit_pipe.call_defaults()
-    if edit_pipe.true_cfg and guidance > 1.0:  # no guidance embedding: CFG against an empty prompt
-        call = {"true_cfg_scale": guidance, "negative_prompt": "", **call}
+    call, negative = edit_pipe.with_true_cfg(edit_pipe.call_defaults(), guidance)
+    if negative is not None:
+        call["negative_prompt"] = negative
     msl = int(call.get("max_sequence_length", 512))
     rows: dict[str, list[torch.Tensor]] = {"x0": [], "prompt_embeds": [], "pooled": []}
     for i in range(num_samples):
