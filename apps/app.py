@@ -1,6 +1,6 @@
 """The attnedit Gradio app: a thin page over attnedit's public API.
 
-    attnedit app --model tiny-sd --models tiny-sd,shapes-sd --port 7860
+    attnedit app --model shapes-sd --models shapes-sd,shapes-dit,tiny-sd --port 7860
 
 Every run builds its controls afresh (`attnedit.make_control`), takes the lock of its model (so
 two requests never share one pipeline's processors or a control's state), reports its steps to

@@ -1,7 +1,7 @@
 """`attnedit app`: serve the Gradio app (needs the `app` extra: `pip install attnedit[app]`).
 
     attnedit app                                   # default model on http://127.0.0.1:7860
-    attnedit app --models tiny-sd,shapes-sd --port 8000
+    attnedit app --models shapes-sd,shapes-dit --port 8000
 
 gradio is imported only when the command runs, so the rest of the CLI works without it.
 """

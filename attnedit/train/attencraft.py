@@ -890,7 +890,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, help="the image holding the concepts")
     p.add_argument("--concepts", required=True, help='comma-separated concept words, e.g. "dog,cat"')
     p.add_argument("--output", "-o", default="attencraft-out", help="output folder")
-    p.add_argument("--model", default=None, help="model name or folder (default tiny-sd)")
+    p.add_argument("--model", default=None, help="model name or folder (default shapes-sd, the bundled testbed model)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     for f in dataclasses.fields(AttenCraftConfig):
