@@ -22,7 +22,7 @@ def _load(name: str):
 def test_quality_benchmark_quick_run_writes_every_section(tmp_path):
     quality = _load("quality")
     out = tmp_path / "quality"
-    assert quality.main(["--model", "shapes-sd", "--quick", "--steps", "4", "--out", str(out)]) == 0
+    assert quality.main(["--model", "shapes-sd", "--quick", "--steps", "10", "--out", str(out)]) == 0
     text = out.with_suffix(".md").read_text()
     for section in ("plain", "multi", "masactrl", "fast"):
         assert f"## {section}" in text and "skipped" not in text.split(f"## {section}")[1].split("##")[0]

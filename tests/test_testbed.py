@@ -183,9 +183,9 @@ def test_min_snr_weights_on_hand_computed_values():
 def test_bundled_shapes_sd_draws_the_requested_objects():
     """Real assertion on the trained weights (plain diffusers, 25 DDIM steps, CFG 5, seed 0).
 
-    The model misses its 90% target (57% of single-object samples right, assets/models/README.md),
-    so this checks that the requested (shape, colour) is among the detections for most of ten
-    single-object prompts; random weights find almost none.
+    Measured (assets/models/README.md): 91% of single-object samples right over 8 seeds; on these ten
+    prompts with seed 0 it gets 8 (a yellow star drawn as a triangle, a magenta ring as a star), so the
+    check asks for at least 7; random weights find almost none.
     """
     from pathlib import Path
 
@@ -202,7 +202,7 @@ def test_bundled_shapes_sd_draws_the_requested_objects():
     images = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=gens, output_type="np").images
     images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
     hits = [all_present(p, detect(im)) for p, im in zip(prompts, images)]
-    assert sum(hits) >= 6, list(zip(prompts, hits))
+    assert sum(hits) >= 7, list(zip(prompts, hits))
 
 
 def test_bundled_shapes_dit_draws_the_requested_colours_and_often_the_shapes():
