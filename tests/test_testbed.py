@@ -169,6 +169,24 @@ def test_whitening_folds_per_channel_latent_statistics_into_the_vae_exactly():
     assert torch.allclose(rec_after, rec_before, atol=1e-4)
 
 
+def test_text_encoder_without_layers_keeps_each_token_its_own_word():
+    """--text-layers 0: changing one word changes that token's state only (2 layers: later tokens too)."""
+    import torch
+
+    from attnedit.testbed.train import build_models, build_tokenizer, tokenize
+
+    tok = build_tokenizer()
+    ids = tokenize(tok, ["a red circle and a blue square", "a green circle and a blue square"])
+    for layers, later_changes in ((0, False), (2, True)):
+        _, text, _ = build_models(len(tok), 0, text_layers=layers)
+        with torch.no_grad():
+            h = text(ids)[0]
+        diff = (h[0] - h[1]).abs().amax(-1)
+        assert diff[2] > 1e-3  # the changed word ("red" -> "green", position 2)
+        assert bool((diff[3:] > 1e-5).any()) == later_changes
+        assert float(diff[:2].max()) < 1e-6  # causal: earlier tokens never change
+
+
 def test_min_snr_weights_on_hand_computed_values():
     import torch
 
@@ -235,6 +253,8 @@ def test_training_options_are_checked_before_any_work(tmp_path):
         train_main(["--work", str(tmp_path), "--vae-latent-noise", "-0.1"])
     with pytest.raises(SystemExit, match="--vae-init .*missing.pt: no such file"):
         dit_main(["--vae-init", str(tmp_path / "missing.pt"), "--work", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--text-layers -1 \(0 or more\)"):
+        train_main(["--work", str(tmp_path), "--text-layers", "-1"])
     with pytest.raises(SystemExit, match="--install-vae-into needs --vae-init"):
         train_main(["--install-vae-into", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # nothing written

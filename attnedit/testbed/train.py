@@ -82,14 +82,22 @@ def build_vae():
     )
 
 
-def build_models(vocab_size: int, seed: int = 0):
+def build_models(vocab_size: int, seed: int = 0, text_layers: int = 2):
+    """VAE, CLIP text encoder and UNet of shapes-sd.
+
+    `text_layers` 0 keeps every token's state its own word (embedding + position, no mixing): a text
+    encoder trained jointly from scratch otherwise learns to route an object's description into
+    later "summary" tokens ("and", the end token), and per-word cross-attention maps, which A&E,
+    A-STAR and AttenCraft read, stop marking the word's object.
+    """
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     vae = build_vae()
     text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+        num_attention_heads=2,
         max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=64,
     ))
     unet = UNet2DConditionModel(
@@ -390,6 +398,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--vae-whiten", action="store_true",
                     help="fold per-channel latent mean/std of the training images into the VAE (exact)")
     add_denoiser_args(ap, lr=6e-4, threads=2)
+    ap.add_argument("--text-layers", type=int, default=2,
+                    help="transformer layers of the text encoder (0: each token's state is its own word)")
     ap.add_argument("--min-snr", type=float, default=0.0,
                     help="Min-SNR-gamma loss weighting (5 is the paper's value; 0 = uniform)")
     return ap
@@ -403,6 +413,8 @@ def run(args: argparse.Namespace) -> int:
     check_denoiser_args(args)
     if args.vae_latent_noise < 0:
         raise SystemExit(f"invalid option: --vae-latent-noise {args.vae_latent_noise} (0 or more)")
+    if args.text_layers < 0:
+        raise SystemExit(f"invalid option: --text-layers {args.text_layers} (0 or more)")
     torch.set_num_threads(args.threads)
     if args.install_vae_into:
         if not args.vae_init:
@@ -420,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
 
     tok = build_tokenizer()
     data = Dataset(args.seed, args.data)
-    vae, text, unet = build_models(len(tok), args.seed)
+    vae, text, unet = build_models(len(tok), args.seed, args.text_layers)
     gen = torch.Generator().manual_seed(args.seed)
     ckpt = work / "checkpoint.pt"
     start = 0
