@@ -82,7 +82,7 @@ def build_vae():
     )
 
 
-def build_models(vocab_size: int, seed: int = 0, text_layers: int = 2):
+def build_models(vocab_size: int, seed: int = 0, text_layers: int = 0):
     """VAE, CLIP text encoder and UNet of shapes-sd.
 
     `text_layers` 0 keeps every token's state its own word (embedding + position, no mixing): a text
@@ -398,10 +398,10 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--vae-whiten", action="store_true",
                     help="fold per-channel latent mean/std of the training images into the VAE (exact)")
     add_denoiser_args(ap, lr=6e-4, threads=2)
-    ap.add_argument("--text-layers", type=int, default=2,
-                    help="transformer layers of the text encoder (0: each token's state is its own word)")
-    ap.add_argument("--min-snr", type=float, default=0.0,
-                    help="Min-SNR-gamma loss weighting (5 is the paper's value; 0 = uniform)")
+    ap.add_argument("--text-layers", type=int, default=0,
+                    help="text encoder transformer layers (default 0, as shipped: each token's state is its own word)")
+    ap.add_argument("--min-snr", type=float, default=5.0,
+                    help="Min-SNR-gamma loss weighting (default 5: the paper's value, as shipped; 0 = uniform)")
     return ap
 
 
