@@ -436,6 +436,7 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     ckpt = work / "checkpoint.pt"
     start = 0
+    latents = None  # the training latents, once known (whitening computes them on the way)
     if args.resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         vae.load_state_dict(state["vae"])
@@ -459,7 +460,7 @@ def run(args: argparse.Namespace) -> int:
         vae.eval()
         if args.vae_whiten:
             before = encode_all(vae, data)
-            whiten_vae(vae, before)
+            latents = whiten_vae(vae, before)
             log({"stage": "vae-whiten", "mean": before.mean((0, 2, 3)).tolist(),
                  "std": before.std((0, 2, 3)).tolist()})
         agreement = vae_agreement(vae)
@@ -471,7 +472,8 @@ def run(args: argparse.Namespace) -> int:
         scale = None
         ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
     vae.eval().requires_grad_(False)
-    latents = encode_all(vae, data)
+    if latents is None:
+        latents = encode_all(vae, data)
     if scale is None:
         scale = float(1.0 / latents.std())
         log({"stage": "vae-done", "loss": vae_loss, "scaling_factor": scale})
