@@ -243,9 +243,9 @@ def test_bundled_shapes_sd_word_maps_mark_their_objects():
         m[int(y0 * 16):int(np.ceil(y1 * 16)), int(x0 * 16):int(np.ceil(x1 * 16))] = True
         return m
 
-    for words, label in ((("circle", "red"), ("circle", "red")), (("square", "blue"), ("square", "blue"))):
+    for label in (("circle", "red"), ("square", "blue")):
         box = inside(found[label])
-        for w in words:
+        for w in label:
             m = maps[w].numpy()
             assert m[box].mean() > 1.2 * m[~box].mean(), (w, m[box].mean(), m[~box].mean())
 
@@ -280,8 +280,8 @@ def test_training_options_are_checked_before_any_work(tmp_path):
         train_main(["--work", str(tmp_path), "--vae-latent-noise", "-0.1"])
     with pytest.raises(SystemExit, match="--vae-init .*missing.pt: no such file"):
         dit_main(["--vae-init", str(tmp_path / "missing.pt"), "--work", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"--text-layers -1 \(0 or more\)"):
-        train_main(["--work", str(tmp_path), "--text-layers", "-1"])
+    with pytest.raises(SystemExit, match=r"--text-layers -1 \(0 or more\); --min-snr -5.0 \(0 or more"):
+        train_main(["--work", str(tmp_path), "--text-layers", "-1", "--min-snr", "-5"])
     with pytest.raises(SystemExit, match="--install-vae-into needs --vae-init"):
         train_main(["--install-vae-into", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # nothing written

@@ -262,7 +262,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float)
 
     Why: with uniform weights the many low-noise steps, whose targets are nearly free, dominate the
     gradient; capping their weight converges several times faster, which counts on a 2-core CPU.
-    `gamma` <= 0 gives uniform weights.
+    `gamma` 0 gives uniform weights.
     """
     if gamma <= 0:
         return torch.ones(len(t))
@@ -363,13 +363,16 @@ def add_denoiser_args(ap: argparse.ArgumentParser, *, lr: float, threads: int) -
     ap.add_argument("--resume", action="store_true")
 
 
-def check_denoiser_args(args: argparse.Namespace) -> None:
-    """Refuse values the training loop would fail on late, or silently misuse, before any work."""
+def check_denoiser_args(args: argparse.Namespace, *extra: tuple[str, bool, str]) -> None:
+    """Refuse values the training loop would fail on late, or silently misuse, before any work.
+
+    `extra`: a recipe's own (option, valid, rule) triples, reported in the same message.
+    """
     bad = [f"--{k.replace('_', '-')} {getattr(args, k)} ({rule})" for k, ok, rule in (
         ("steps", args.steps >= 1, "at least 1"), ("batch", args.batch >= 1, "at least 1"),
         ("lr", args.lr > 0, "positive"), ("cfg_drop", 0 <= args.cfg_drop < 1, "in [0, 1)"),
         ("ema", 0 <= args.ema < 1, "in [0, 1)"), ("every", args.every >= 1, "at least 1"),
-        ("threads", args.threads >= 1, "at least 1"),
+        ("threads", args.threads >= 1, "at least 1"), *extra,
     ) if not ok]
     if bad:
         raise SystemExit("invalid option(s): " + "; ".join(bad))
@@ -410,11 +413,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_denoiser_args(args)
-    if args.vae_latent_noise < 0:
-        raise SystemExit(f"invalid option: --vae-latent-noise {args.vae_latent_noise} (0 or more)")
-    if args.text_layers < 0:
-        raise SystemExit(f"invalid option: --text-layers {args.text_layers} (0 or more)")
+    check_denoiser_args(args, ("vae_latent_noise", args.vae_latent_noise >= 0, "0 or more"),
+                        ("text_layers", args.text_layers >= 0, "0 or more"),
+                        ("min_snr", args.min_snr >= 0, "0 or more; 0 = uniform weights"))
     torch.set_num_threads(args.threads)
     if args.install_vae_into:
         if not args.vae_init:
