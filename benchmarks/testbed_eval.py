@@ -30,6 +30,9 @@ import torch
 from attnedit.testbed.detector import all_present, attribute_binding, detect, object_recall
 from attnedit.testbed.world import COLOURS, SHAPES, World, parse_prompt
 
+#: --scheduler choices -> diffusers class names
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpmsolver": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
+
 
 def call_kwargs(pipe, guidance: float, call: dict) -> dict:
     """Guidance as the pipeline takes it: `guidance_scale`, or true CFG for FLUX without a guidance embedding."""
@@ -80,12 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the rates here")
+    ap.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                    help="sample with this diffusers scheduler (built from the model's config) instead of its own")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    if args.scheduler:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
     settings_file = Path(args.model) / "attnedit.json"
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     args.steps = args.steps or int(settings.get("steps", 25))
@@ -112,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({res['seconds']} s)", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"model": args.model, "steps": args.steps, "guidance": args.guidance, **rows}, fh, indent=2)
+            json.dump({"model": args.model, "scheduler": type(pipe.scheduler).__name__, "steps": args.steps,
+                       "guidance": args.guidance, **rows}, fh, indent=2)
     return 0
 
 
