@@ -76,8 +76,8 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="assets/models/shapes-sd")
-    ap.add_argument("--seeds", type=int, default=2, help="seeds per single-object prompt")
-    ap.add_argument("--multi", type=int, default=40, help="two- and three-object prompts each")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds per single-object prompt (0: skip them)")
+    ap.add_argument("--multi", type=int, default=40, help="two- and three-object prompts each (0: skip them)")
     ap.add_argument("--steps", type=int, default=None, help="default: the model's attnedit.json")
     ap.add_argument("--guidance", type=float, default=None, help="default: the model's attnedit.json")
     ap.add_argument("--chunk", type=int, default=30)
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
                     help="sample with this diffusers scheduler (built from the model's config) instead of its own")
     args = ap.parse_args(argv)
+    if args.seeds < 0 or args.multi < 0:
+        ap.error(f"--seeds {args.seeds} / --multi {args.multi}: counts must be 0 or more")
     torch.set_num_threads(args.threads)
     from diffusers import DiffusionPipeline
 
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         sets[style] = (caps, list(range(args.multi)))
     rows = {}
     for name, (prompts, seeds) in sets.items():
+        if not prompts:  # --seeds 0 or --multi 0: nothing to rate (a mean over nothing is NaN)
+            continue
         t0 = time.perf_counter()
         res = evaluate(pipe, prompts, seeds, args.steps, args.guidance, args.chunk, call)
         res.pop("images")
