@@ -125,8 +125,9 @@ def test_map_levels_follow_the_recipe_and_stay_usable_on_small_latents():
 
     sd = [layer(0), layer(1), layer(2)]
     assert map_levels(sd, (64, 64)) == (2, 1)  # SD at 512: cross 16x16, self 32x32 (official)
-    assert map_levels(sd, (16, 16)) == (1, 0)  # 128 px: cross 8x8, self 16x16
-    assert map_levels([layer(0), layer(1)], (8, 8)) == (0, 0)  # tiny 64 px: both 8x8, never 4x4 or 2x2
+    assert map_levels(sd, (32, 32)) == (1, 1)  # 256 px: both 16x16 (latent/4 would be 8x8)
+    assert map_levels(sd, (16, 16)) == (0, 0)  # 64 px testbed: both 16x16, never the blurred 8x8
+    assert map_levels([layer(0), layer(1)], (8, 8)) == (0, 0)  # tiny: both 8x8, never 4x4 or 2x2
 
 
 def test_ssim_and_jsd_formulas():

@@ -183,8 +183,12 @@ def jsd(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0
 # ------------------------------------------------------------------------------------ recording control
 def map_levels(layers: list[LayerInfo], latent_hw: tuple[int, int]) -> tuple[int, int]:
     """(cross level, self level): the official latent/4 and latent/2 (16 and 32 at 512 px), kept usable on small
-    latents: the self grid stays >= 16 when a level allows it (else the finest level), the cross grid >= 8 (else
-    the self level itself, so a 64 px testbed model maps at 8x8 rather than 2x2)."""
+    latents: the self grid stays >= 16 when a level allows it (else the finest level), and the cross grid is the
+    official one only while it keeps >= 16 cells a side, else the self level itself.
+
+    Why 16: on the 64 px testbed model (latent 16) the 8x8 maps blur the objects together (the map of a token
+    started from "red" is as high on the grey background as on the red-ish circle), while its 16x16 maps put
+    each colour token and the start token (background) on their own regions, as SD's 16x16 maps do at 512 px."""
     levels = sorted({i.level for i in layers if i.block in ("down", "up") and i.kind == "cross"})
     if not levels:
         raise ValueError("AttenCraft needs a UNet with cross-attention in its down/up blocks")
@@ -194,7 +198,7 @@ def map_levels(layers: list[LayerInfo], latent_hw: tuple[int, int]) -> tuple[int
         return math.ceil(side / 2**level)
 
     self_level = max([lv for lv in levels if lv <= 1 and grid(lv) >= 16], default=levels[0])
-    above = [lv for lv in levels if lv == self_level + 1 and grid(lv) >= 8]
+    above = [lv for lv in levels if lv == self_level + 1 and grid(lv) >= 16]
     return (above[0] if above else self_level), self_level
 
 
