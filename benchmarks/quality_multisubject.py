@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import statistics
 import sys
@@ -63,16 +64,20 @@ def layout_boxes(n: int) -> list[list[float]]:
     return [[i * w + 0.05 * w * 2, 0.2, (i + 1) * w - 0.05 * w * 2, 0.8] for i in range(n)]
 
 
-def make_control(method: str, objects: Sequence[tuple[str, str]]) -> attnedit.Control | None:
+def make_control(method: str, objects: Sequence[tuple[str, str]], options: dict | None = None
+                 ) -> attnedit.Control | None:
+    """The method's control for one request; `options` are extra keyword arguments (a sweep's step size)."""
     shapes = [s for s, _ in objects]
+    kw = dict(options or {})
     if method == "plain":
         return None
     if method == "A&E":
-        return attnedit.AttendExcite(words=shapes)
+        return attnedit.AttendExcite(words=shapes, **kw)
     if method == "A-STAR":
-        return attnedit.AStar(words=shapes)
+        return attnedit.AStar(words=shapes, **kw)
     if method == "Bounded":
-        return attnedit.BoundedAttention(boxes=layout_boxes(len(objects)), words=[f"{c} {s}" for s, c in objects])
+        return attnedit.BoundedAttention(boxes=layout_boxes(len(objects)), words=[f"{c} {s}" for s, c in objects],
+                                         **kw)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -113,9 +118,12 @@ def evaluate(
     detect: Callable[[object], list] | None = None,
     batch: int = 8,
     log: Callable[[str], None] | None = None,
+    options: dict[str, dict] | None = None,
 ) -> dict[str, dict[str, object]]:
     """Score `methods` on `requests` x `seeds`; returns per method the mean metrics and, against
-    plain, the paired mean difference with its standard error over seeds."""
+    plain, the paired mean difference with its standard error over seeds. `options` maps a method
+    to extra keyword arguments of its control."""
+    options = options or {}
     requests = requests if requests is not None else prompts()
     detect = detect or testbed_detector()
     per: dict[str, dict[tuple[int, int], dict[str, float | None]]] = {m: {} for m in methods}
@@ -128,7 +136,7 @@ def evaluate(
             for start in range(0, len(seeds), batch):
                 chunk = list(seeds)[start:start + batch]
                 # one call per chunk: per-image seeds; guidance is per sample (exact, batched)
-                control = make_control(m, objects)
+                control = make_control(m, objects, options.get(m))
                 out = pipe(text, controls=[control] if control else [], seed=chunk, num_images=len(chunk),
                            steps=steps, guidance=guidance)
                 images.extend(out.images)
@@ -195,16 +203,30 @@ def main() -> None:
     ap.add_argument("--triples", type=int, default=6)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--out", default=None, help="write the table (markdown) here")
+    ap.add_argument("--options", default="{}", help='JSON: method -> extra control arguments, e.g. '
+                    '\'{"A&E": {"scale_factor": 60}}\' (for sweeps; the official defaults otherwise)')
     args = ap.parse_args()
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as err:
+        ap.error(f"--options is not JSON: {err}")
+    if not isinstance(options, dict) or any(k not in METHODS or not isinstance(v, dict) for k, v in options.items()):
+        ap.error(f"--options maps method names ({', '.join(METHODS)}) to objects of keyword arguments")
+    for m, kw in options.items():  # a misspelt argument fails here, before any image is generated
+        try:
+            make_control(m, [("circle", "red"), ("square", "blue")], kw)
+        except (TypeError, ValueError) as err:
+            ap.error(f"--options {m}: {err}")
     pipe = attnedit.load(args.model)
     requests = prompts(args.pairs, args.triples)
     t0 = time.perf_counter()
     summary = evaluate(pipe, methods=args.methods, requests=requests, seeds=range(args.seeds), steps=args.steps,
-                       guidance=args.guidance, log=lambda s: print(s, file=sys.stderr, flush=True))
+                       guidance=args.guidance, log=lambda s: print(s, file=sys.stderr, flush=True), options=options)
+    opts = f"; options {json.dumps(options)}" if options else ""
     text = (f"# Multi-subject quality on {args.model}\n\n"
             f"Command: `python {' '.join(sys.argv)}`\n\n"
             f"{len(requests)} prompts ({args.pairs} pairs, {args.triples} triples) x {args.seeds} seeds, "
-            f"{args.steps} steps, CFG {args.guidance}; in brackets: paired difference to plain ± its standard "
+            f"{args.steps} steps, CFG {args.guidance}{opts}; in brackets: paired difference to plain ± its standard "
             f"error over seeds. Total {time.perf_counter() - t0:.0f} s.\n\n" + table(summary) + "\n")
     print(text)
     if args.out:
