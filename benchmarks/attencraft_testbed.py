@@ -1,6 +1,8 @@
 """AttenCraft on the testbed: two objects of new appearance in one image, each learned as its own token.
 
-    python benchmarks/attencraft_testbed.py --model shapes-sd --steps 300 --seeds 16
+    python benchmarks/attencraft_testbed.py --model shapes-sd --steps 400 --lr 5e-4 --seeds 32 --class-images 16 \
+        --gen-steps 25 --variants attencraft,no-attn-loss,plain --out /tmp/attencraft-testbed \
+        --extra '{"class_steps": 25, "power": 2, "initializers": ["red", "magenta"], "seed": 42}'
     python benchmarks/attencraft_testbed.py --model tiny-sd --steps 4 --seeds 2 --class-images 2   # plumbing only
 
 The image: an orange circle with dark-orange stripes and a pink square on grey. Orange (hue 30) and pink (hue 333,
@@ -14,6 +16,9 @@ Variants: `attencraft` (the recipe), `attencraft-T0.1` (JSD on softmax(x / 0.1):
 T = 1 the two distributions are nearly uniform and the loss is weak; attnedit's option, not the paper's),
 `no-attn-loss` (the same training without the attention loss) and `plain` (Custom-Diffusion-style: no attention
 loss, unmasked denoising loss).
+Why those `--extra` options on shapes-sd (measured, `benchmarks/results/attencraft.md`): the shape words' maps
+localise weakly on this model while the colour words' do, so the tokens start from the nearest world colours; its
+16x16 self-attention is nearly uniform, so the official 4-step affinity walk collapses the maps and power 2 is used.
 """
 
 from __future__ import annotations

@@ -533,8 +533,10 @@ class AttenCraftTrainer:
                 return
         raise MaskSeparationError(
             f"the model's attention cannot separate the concepts {', '.join(cfg.concepts)} in {self.image_path}: "
-            + "; ".join(tried) + ". Try a smaller --margin, other --initializers (words naming what each object "
-            "is), or an image where the objects stand further apart. Nothing was trained or saved."
+            + "; ".join(tried) + f". Try a smaller --margin, a lower --power than {cfg.power} (a model with diffuse "
+            "self-attention collapses every map under a long affinity walk), other --initializers (words whose maps "
+            "mark each object: on the testbed colour words), or an image where the objects stand further apart. "
+            "Nothing was trained or saved."
         )
 
     def _extract(self, maps: torch.Tensor, cols: dict[str, list[int]], margin: float, names: list[str]):
