@@ -64,10 +64,19 @@ def layout_boxes(n: int) -> list[list[float]]:
     return [[i * w + 0.05 * w * 2, 0.2, (i + 1) * w - 0.05 * w * 2, 0.8] for i in range(n)]
 
 
-def make_control(method: str, objects: Sequence[tuple[str, str]], options: dict | None = None
-                 ) -> attnedit.Control | None:
-    """The method's control for one request; `options` are extra keyword arguments (a sweep's step size)."""
-    shapes = [s for s, _ in objects]
+SUBJECTS = ("shape", "phrase")
+
+
+def make_control(method: str, objects: Sequence[tuple[str, str]], options: dict | None = None,
+                 subjects: str = "shape") -> attnedit.Control | None:
+    """The method's control for one request; `options` are extra keyword arguments (a sweep's step size).
+
+    `subjects` = what A&E and A-STAR guide: "shape" (the noun, as the papers do) or "phrase" ("red circle":
+    the guided map is the phrase token with the highest peak, on the testbed often the colour word).
+    """
+    if subjects not in SUBJECTS:
+        raise ValueError(f"subjects must be one of {', '.join(SUBJECTS)}, got {subjects!r}")
+    shapes = [s for s, _ in objects] if subjects == "shape" else [f"{c} {s}" for s, c in objects]
     kw = dict(options or {})
     if method == "plain":
         return None
@@ -119,6 +128,7 @@ def evaluate(
     batch: int = 8,
     log: Callable[[str], None] | None = None,
     options: dict[str, dict] | None = None,
+    subjects: str = "shape",
 ) -> dict[str, dict[str, object]]:
     """Score `methods` on `requests` x `seeds`; returns per method the mean metrics and, against
     plain, the paired mean difference with its standard error over seeds. `options` maps a method
@@ -136,7 +146,7 @@ def evaluate(
             for start in range(0, len(seeds), batch):
                 chunk = list(seeds)[start:start + batch]
                 # one call per chunk: per-image seeds; guidance is per sample (exact, batched)
-                control = make_control(m, objects, options.get(m))
+                control = make_control(m, objects, options.get(m), subjects)
                 out = pipe(text, controls=[control] if control else [], seed=chunk, num_images=len(chunk),
                            steps=steps, guidance=guidance)
                 images.extend(out.images)
@@ -205,6 +215,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the table (markdown) here")
     ap.add_argument("--options", default="{}", help='JSON: method -> extra control arguments, e.g. '
                     '\'{"A&E": {"scale_factor": 60}}\' (for sweeps; the official defaults otherwise)')
+    ap.add_argument("--subjects", default="shape", choices=SUBJECTS,
+                    help="what A&E / A-STAR guide: the shape noun (papers) or the colour + shape phrase")
     args = ap.parse_args()
     try:
         options = json.loads(args.options)
@@ -221,8 +233,10 @@ def main() -> None:
     requests = prompts(args.pairs, args.triples)
     t0 = time.perf_counter()
     summary = evaluate(pipe, methods=args.methods, requests=requests, seeds=range(args.seeds), steps=args.steps,
-                       guidance=args.guidance, log=lambda s: print(s, file=sys.stderr, flush=True), options=options)
-    opts = f"; options {json.dumps(options)}" if options else ""
+                       guidance=args.guidance, log=lambda s: print(s, file=sys.stderr, flush=True), options=options,
+                       subjects=args.subjects)
+    opts = (f"; options {json.dumps(options)}" if options else "") + (
+        f"; A&E / A-STAR subjects: {args.subjects}" if args.subjects != "shape" else "")
     text = (f"# Multi-subject quality on {args.model}\n\n"
             f"Command: `python {' '.join(sys.argv)}`\n\n"
             f"{len(requests)} prompts ({args.pairs} pairs, {args.triples} triples) x {args.seeds} seeds, "
