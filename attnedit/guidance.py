@@ -426,13 +426,19 @@ class GuidanceControl(Control):
         return {"guidance": list(log)} if log else {}
 
 
+TOKEN_MODES = ("prompt", "ae", "subjects")
+
+
 class TextMapGuidance(GuidanceControl):
     """Shared by A&E and A-STAR: subject words -> per-word maps (B, S, H, W) from the text maps.
 
     Maps are the mean over the guidance layers and heads, softmaxed over the prompt's tokens at
     temperature 0.01 (x100, A&E). `token_mode="prompt"` (default) softmaxes over the prompt's own
     tokens, excluding the start token, the end token and padding (helps SD 2.x, A&E issue #14);
-    `"ae"` reproduces the diffusers A&E slice `1:-1` (SD/SDXL only). A word of several tokens uses
+    `"ae"` reproduces the diffusers A&E slice `1:-1` (SD/SDXL only); `"subjects"` (ours) softmaxes over
+    the subjects' own tokens only, for models where an object's adjective outweighs its noun: at x100 the
+    noun's map is then ~0 on its own object, and exciting it fights the object's colour (measured on the
+    testbed, `benchmarks/results/quality_multisubject.md`). A word of several tokens uses
     the sub-token with the highest smoothed peak (`subtoken="max"`, the authors' advice) or the
     mean of its sub-token maps (`"mean"`). Smoothing is A&E's 3x3 Gaussian (`kernel="ae"`).
     """
@@ -455,8 +461,8 @@ class TextMapGuidance(GuidanceControl):
         self.words = list(words or [])
         if not self.words:
             raise ValueError("give the subject words, e.g. words=['cat', 'dog']")
-        if token_mode not in ("prompt", "ae"):
-            raise ValueError(f"token_mode must be 'prompt' or 'ae', got {token_mode!r}")
+        if token_mode not in TOKEN_MODES:
+            raise ValueError(f"token_mode must be one of {', '.join(TOKEN_MODES)}, got {token_mode!r}")
         if subtoken not in ("max", "mean"):
             raise ValueError(f"subtoken must be 'max' or 'mean', got {subtoken!r}")
         if kernel not in ("ae", "standard"):
@@ -477,6 +483,8 @@ class TextMapGuidance(GuidanceControl):
             tokens = run.tokens_of_sample(sample)
             if self.token_mode == "ae":
                 sets.append(list(range(1, tokens.text_len - 1)))
+            elif self.token_mode == "subjects":
+                sets.append(sorted({p for pos in self.state.subjects[sample] for p in pos}))
             else:
                 sets.append(sorted({p for ps in tokens.positions for p in ps}))
         self.state.softmax_sets = sets

@@ -79,6 +79,9 @@ def test_multi_token_words_and_token_modes(sd):
     parity = attnedit.AttendExcite(words=["cat", "dog"], token_mode="ae", thresholds={})
     sd(PROMPT, seed=0, steps=2, controls=[parity])
     assert parity.state.softmax_sets[0] == list(range(1, 76))  # diffusers' 1:-1 slice
+    own = attnedit.AttendExcite(words=["cat", "dog"], token_mode="subjects", thresholds={})
+    sd(PROMPT, seed=0, steps=2, controls=[own])
+    assert own.state.softmax_sets[0] == sorted(subjects[0] + subjects[1])  # only the subjects compete
     idx = attnedit.AttendExcite(words=[[subjects[0][0]], "dog"], thresholds={})
     sd(PROMPT, seed=0, steps=2, controls=[idx])
     assert idx.state.subjects[0][0] == [subjects[0][0]]
