@@ -250,11 +250,11 @@ def test_bundled_shapes_sd_word_maps_mark_their_objects():
             assert m[box].mean() > 1.2 * m[~box].mean(), (w, m[box].mean(), m[~box].mean())
 
 
-def test_bundled_shapes_dit_draws_the_requested_colours_and_often_the_shapes():
+def test_bundled_shapes_dit_draws_the_requested_colours_and_mostly_the_shapes():
     """Real assertion on the trained FLUX-architecture weights through attnedit (20 steps, true CFG 4, seed 0).
 
-    Measured (assets/models/README.md): the colour is right on every single-object prompt and the
-    shape on about half; random weights draw neither.
+    Measured (assets/models/README.md): the colour is right on 99.5% of single-object samples and the
+    shape too on 79.6%; here all 10 colours and 8 of 10 shapes. Random weights draw neither.
     """
     import attnedit
 
@@ -267,7 +267,7 @@ def test_bundled_shapes_dit_draws_the_requested_colours_and_often_the_shapes():
     colours = [any(d.colour == p.split()[1] for d in f) for p, f in zip(prompts, found)]
     assert all(colours), list(zip(prompts, colours))
     hits = [all_present(p, f) for p, f in zip(prompts, found)]
-    assert sum(hits) >= 5, list(zip(prompts, hits))
+    assert sum(hits) >= 7, list(zip(prompts, hits))
 
 
 def test_training_options_are_checked_before_any_work(tmp_path):
