@@ -24,15 +24,6 @@ PROMPTS = ("a red circle and a blue square", "a green triangle and a yellow star
 GRID = 16
 
 
-def box_mask(box) -> np.ndarray:
-    """(GRID, GRID) boolean mask of a detector box given as fractions (x0, y0, x1, y1)."""
-    m = np.zeros((GRID, GRID), bool)
-    x0, y0, x1, y1 = (float(v) for v in box)
-    m[int(y0 * GRID):max(int(y0 * GRID) + 1, int(np.ceil(y1 * GRID))),
-      int(x0 * GRID):max(int(x0 * GRID) + 1, int(np.ceil(x1 * GRID)))] = True
-    return m
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="shapes-sd")
@@ -41,13 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import attnedit
-    from attnedit.testbed.detector import detect
+    from attnedit.testbed.detector import box_mask, detect
+    from attnedit.testbed.world import parse_prompt
 
     pipe = attnedit.load(args.model)
     ratios: dict[str, list[float]] = {"shape word": [], "colour word": [], "other object's shape word": []}
     for prompt in PROMPTS:
-        words = prompt.split()
-        objects = [(words[2], words[1]), (words[6], words[5])]  # (shape, colour)
+        objects = parse_prompt(prompt).objects  # [(shape, colour), (shape, colour)]
         for seed in range(args.seeds):
             store = attnedit.AttentionStore()
             image = pipe(prompt, controls=[store], seed=seed).image
@@ -56,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, label in enumerate(objects):
                 if label not in found:
                     continue
-                inside = box_mask(found[label])
+                inside = box_mask(found[label], (GRID, GRID))
                 for key, word in (("shape word", label[0]), ("colour word", label[1]),
                                   ("other object's shape word", objects[1 - i][0])):
                     m = maps[word].numpy()

@@ -9,6 +9,7 @@ from attnedit.testbed.detector import (
     Detection,
     all_present,
     attribute_binding,
+    box_mask,
     detect,
     layout_iou,
     match,
@@ -222,6 +223,13 @@ def test_bundled_shapes_sd_draws_the_requested_objects():
     assert sum(hits) >= 8, list(zip(prompts, hits))
 
 
+def test_box_mask_on_hand_built_boxes():
+    m = box_mask((0.25, 0.5, 0.5, 1.0), (4, 4))
+    assert m.tolist() == [[False] * 4, [False] * 4, [False, True, False, False], [False, True, False, False]]
+    assert box_mask((0.1, 0.1, 0.11, 0.11), (4, 4)).sum() == 1  # a sliver still marks its cell
+    assert box_mask((0.1, 0.3, 0.6, 0.4), (8, 16)).sum() == 2 * 9  # rows 2-3, columns 1-9
+
+
 def test_bundled_shapes_sd_word_maps_mark_their_objects():
     """The property attention methods rely on: a word's cross-attention is higher on its own object.
 
@@ -236,15 +244,8 @@ def test_bundled_shapes_sd_word_maps_mark_their_objects():
     found = {d.label: d.box for d in detect(np.asarray(res.image))}
     assert ("circle", "red") in found and ("square", "blue") in found, found
     maps = store.word_maps(grid=(16, 16))
-
-    def inside(box):
-        m = np.zeros((16, 16), bool)
-        x0, y0, x1, y1 = (float(v) for v in box)
-        m[int(y0 * 16):int(np.ceil(y1 * 16)), int(x0 * 16):int(np.ceil(x1 * 16))] = True
-        return m
-
     for label in (("circle", "red"), ("square", "blue")):
-        box = inside(found[label])
+        box = box_mask(found[label], (16, 16))
         for w in label:
             m = maps[w].numpy()
             assert m[box].mean() > 1.2 * m[~box].mean(), (w, m[box].mean(), m[~box].mean())

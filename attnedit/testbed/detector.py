@@ -166,6 +166,19 @@ def detect(image: np.ndarray, min_area_frac: float = MIN_AREA_FRAC) -> list[Dete
 
 
 # ----------------------------------------------------------------------------------------- metrics
+def box_mask(box: tuple[float, ...], grid: tuple[int, int]) -> np.ndarray:
+    """(H, W) boolean mask of the grid cells a box (x0, y0, x1, y1 as fractions) touches, at least one cell.
+
+    Why: attention maps live on a coarse grid (16x16 for a 64 px image); comparing a word's map inside and
+    outside a detected object needs the object's box on that grid.
+    """
+    h, w = grid
+    x0, y0, x1, y1 = (float(v) for v in box)
+    m = np.zeros((h, w), dtype=bool)
+    r0, c0 = int(y0 * h), int(x0 * w)
+    m[r0:max(r0 + 1, int(np.ceil(y1 * h))), c0:max(c0 + 1, int(np.ceil(x1 * w)))] = True
+    return m
+
 
 
 def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
