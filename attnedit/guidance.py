@@ -463,6 +463,9 @@ class TextMapGuidance(GuidanceControl):
             raise ValueError("give the subject words, e.g. words=['cat', 'dog']")
         if token_mode not in TOKEN_MODES:
             raise ValueError(f"token_mode must be one of {', '.join(TOKEN_MODES)}, got {token_mode!r}")
+        if token_mode == "subjects" and len(self.words) < 2:
+            raise ValueError(f"token_mode='subjects' needs at least two subject words, got {self.words}: with one, "
+                             "its softmax is 1 everywhere and the guidance would do nothing; use 'prompt'")
         if subtoken not in ("max", "mean"):
             raise ValueError(f"subtoken must be 'max' or 'mean', got {subtoken!r}")
         if kernel not in ("ae", "standard"):

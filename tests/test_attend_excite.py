@@ -109,3 +109,5 @@ def test_bad_options():
         attnedit.AttendExcite(words=[])
     with pytest.raises(ValueError, match="token_mode"):
         attnedit.AttendExcite(words=["cat"], token_mode="all")
+    with pytest.raises(ValueError, match="at least two subject words"):
+        attnedit.AttendExcite(words=["cat"], token_mode="subjects")
