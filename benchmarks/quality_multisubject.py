@@ -79,6 +79,8 @@ def make_control(method: str, objects: Sequence[tuple[str, str]], options: dict 
     shapes = [s for s, _ in objects] if subjects == "shape" else [f"{c} {s}" for s, c in objects]
     kw = dict(options or {})
     if method == "plain":
+        if kw:
+            raise ValueError(f"plain takes no control arguments, got {sorted(kw)}")
         return None
     if method == "A&E":
         return attnedit.AttendExcite(words=shapes, **kw)

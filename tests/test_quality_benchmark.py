@@ -33,3 +33,20 @@ def test_quality_benchmark_quick_run_writes_every_section(tmp_path):
     assert {"plain", "A&E", "A-STAR", "Bounded"} <= set(results["multi"])
     assert 0.0 <= results["masactrl"]["round_trip"]["objects_read_back"] <= 1.0  # the detector read the round trip
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_multisubject_controls_take_sweep_options_and_refuse_bad_ones():
+    import pytest
+
+    qm = _load("quality_multisubject")
+    objects = [("circle", "red"), ("square", "blue")]
+    ae = qm.make_control("A&E", objects, {"scale_factor": 5, "token_mode": "subjects"})
+    assert ae.scale_factor == 5.0 and ae.token_mode == "subjects" and ae.words == ["circle", "square"]
+    assert qm.make_control("A-STAR", objects, None, "phrase").words == ["red circle", "blue square"]
+    assert qm.make_control("plain", objects) is None
+    with pytest.raises(ValueError, match="plain takes no control arguments"):
+        qm.make_control("plain", objects, {"scale_factor": 5})
+    with pytest.raises(TypeError, match="scale_fac"):
+        qm.make_control("A&E", objects, {"scale_fac": 5})
+    with pytest.raises(ValueError, match="subjects must be one of"):
+        qm.make_control("A&E", objects, None, "noun")
