@@ -50,3 +50,19 @@ def test_multisubject_controls_take_sweep_options_and_refuse_bad_ones():
         qm.make_control("A&E", objects, {"scale_fac": 5})
     with pytest.raises(ValueError, match="subjects must be one of"):
         qm.make_control("A&E", objects, None, "noun")
+
+
+def test_attencraft_maps_and_ae_peaks_report_on_the_bundled_model(capsys):
+    """The diagnostics behind the AttenCraft and A&E findings run and show them on shapes-sd."""
+    import re
+
+    assert _load("attencraft_maps").main(["--model", "shapes-sd", "--words", "red,magenta"]) == 0
+    out = capsys.readouterr().out
+    assert "AttenCraft levels: cross 0, self 0" in out and "power 4" in out
+    level0 = out.split("cross level 0 (16x16)")[1].split("self level")[0]
+    red = [float(v) for v in re.search(r"red\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", level0).groups()]
+    assert red[0] > 3 * red[2]  # "red" marks the circle, not the background
+    assert _load("ae_peaks").main(["--model", "shapes-sd", "--seeds", "1", "--steps", "22"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("token_mode=prompt")]
+    nouns, colours = (float(re.search(r"step 10 \[([\d.]+)", ln).group(1)) for ln in lines)
+    assert nouns < 0.5 < colours  # the noun loses the x100 softmax to its colour word

@@ -186,9 +186,10 @@ def map_levels(layers: list[LayerInfo], latent_hw: tuple[int, int]) -> tuple[int
     latents: the self grid stays >= 16 when a level allows it (else the finest level), and the cross grid is the
     official one only while it keeps >= 16 cells a side, else the self level itself.
 
-    Why 16: on the 64 px testbed model (latent 16) the 8x8 maps blur the objects together (the map of a token
-    started from "red" is as high on the grey background as on the red-ish circle), while its 16x16 maps put
-    each colour token and the start token (background) on their own regions, as SD's 16x16 maps do at 512 px."""
+    Why 16: on the 64 px testbed model (latent 16) the 8x8 maps blur the objects together (the map of "red" is
+    0.15 on the grey background against 0.20 on the circle), while its 16x16 maps put each colour word and the
+    start token (background) on their own regions, as SD's 16x16 maps do at 512 px
+    (`benchmarks/attencraft_maps.py`)."""
     levels = sorted({i.level for i in layers if i.block in ("down", "up") and i.kind == "cross"})
     if not levels:
         raise ValueError("AttenCraft needs a UNet with cross-attention in its down/up blocks")
