@@ -7,8 +7,9 @@ Single-object prompts: every (colour, shape) pair of the world, ``--seeds`` imag
 counts when the detector finds the requested object (right shape AND colour). Two- and three-object
 prompts: captions of the world's "pair" and "triple" styles (world seed 99); a sample counts when all
 named objects are present. "exact" also requires nothing else to be detected. Also prints
-attribute binding (colour on the right shape) and the share of samples where some named object is
-missing (neglect). Steps, guidance and call arguments default to the model folder's `attnedit.json`;
+attribute binding (colour on the right shape), the share of samples where some named object is
+missing (neglect) and, for single objects, the rate per shape. Steps, guidance and call arguments default to
+the model folder's `attnedit.json`;
 a FLUX model without a guidance embedding (shapes-dit) gets true CFG against an empty prompt.
 Why plain diffusers: these are the numbers of the model itself, the baseline every
 attention-control method is compared against.
@@ -67,10 +68,18 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     exact = [sorted(d.label for d in f) == sorted(parse_prompt(p).objects) for p, f in zip(prompts, found)]
     recall = [object_recall(p, f) for p, f in zip(prompts, found)]
     binding = [b for b in (attribute_binding(p, f) for p, f in zip(prompts, found)) if b is not None]
+    # single-object sets: the rate per requested shape (which shapes a model has not learned yet)
+    by_shape: dict[str, list[bool]] = {}
+    for p, ok in zip(prompts, present):
+        objects = parse_prompt(p).objects
+        if len(objects) == 1:
+            by_shape.setdefault(objects[0][0], []).append(ok)
+    single = len(by_shape) > 0 and sum(map(len, by_shape.values())) == len(prompts)
     return {"n": len(prompts), "exact": float(np.mean(exact)), "all_present": float(np.mean(present)),
             "object_recall": float(np.mean(recall)),
             "binding": float(np.mean(binding)) if binding else None,
-            "neglect": float(np.mean([r < 1.0 for r in recall])), "images": images}
+            "neglect": float(np.mean([r < 1.0 for r in recall])),
+            "by_shape": {k: float(np.mean(v)) for k, v in by_shape.items()} if single else None, "images": images}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
               f"all named objects present {res['all_present']:.1%}  "
               f"object recall {res['object_recall']:.1%}  binding {binding}  neglect {res['neglect']:.1%}  "
               f"({res['seconds']} s)", flush=True)
+        if res["by_shape"]:
+            print("        by shape: " + "  ".join(f"{k} {v:.1%}" for k, v in res["by_shape"].items()), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"model": args.model, "scheduler": type(pipe.scheduler).__name__, "steps": args.steps,

@@ -251,11 +251,12 @@ def test_bundled_shapes_sd_word_maps_mark_their_objects():
             assert m[box].mean() > 1.2 * m[~box].mean(), (w, m[box].mean(), m[~box].mean())
 
 
-def test_bundled_shapes_dit_draws_the_requested_colours_and_mostly_the_shapes():
+def test_bundled_shapes_dit_draws_the_requested_colours_and_shapes():
     """Real assertion on the trained FLUX-architecture weights through attnedit (20 steps, true CFG 4, seed 0).
 
-    Measured (assets/models/README.md): the colour is right on 99.5% of single-object samples and the
-    shape too on 79.6%; here all 10 colours and 8 of 10 shapes. Random weights draw neither.
+    Measured (assets/models/README.md): the colour is right on 100% of single-object samples and the
+    shape too on 96.2%; here all 10 colours and 9 of 10 shapes (one of margin for other CPUs' float
+    rounding). Random weights draw neither.
     """
     import attnedit
 
@@ -268,7 +269,7 @@ def test_bundled_shapes_dit_draws_the_requested_colours_and_mostly_the_shapes():
     colours = [any(d.colour == p.split()[1] for d in f) for p, f in zip(prompts, found)]
     assert all(colours), list(zip(prompts, colours))
     hits = [all_present(p, f) for p, f in zip(prompts, found)]
-    assert sum(hits) >= 7, list(zip(prompts, hits))
+    assert sum(hits) >= 8, list(zip(prompts, hits))
 
 
 def test_training_options_are_checked_before_any_work(tmp_path):
@@ -299,3 +300,29 @@ def test_testbed_train_is_on_the_command_line(capsys):
         main(["testbed", "train-dit", "--help"])
     assert exit_info.value.code == 0
     assert "--vae-init" in capsys.readouterr().out
+
+
+def test_testbed_eval_rates_per_shape_on_rendered_images(monkeypatch):
+    """`testbed_eval.evaluate` on the world's own renders: one wrong caption counts against its shape only."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "testbed_eval", Path(__file__).resolve().parents[1] / "benchmarks" / "testbed_eval.py")
+    tbe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tbe)
+    world = World(seed=3, style_probs={"single": 1.0})
+    scenes = [world.scene(i) for i in range(6)]
+    images = [world.image(i) for i in range(6)]
+    monkeypatch.setattr(tbe, "generate", lambda *a, **k: images)
+    prompts = [f"a {o.colour} {o.shape}" for s in scenes for o in s.objects]
+    wrong = next(s for s in ("circle", "square") if s != scenes[0].objects[0].shape)
+    prompts[0] = f"a {scenes[0].objects[0].colour} {wrong}"  # asks for a shape the image does not have
+    res = tbe.evaluate(None, prompts, [0] * 6, 1, 1.0, 6)
+    assert res["all_present"] == pytest.approx(5 / 6)
+    expected = {}
+    for i, p in enumerate(prompts):
+        expected.setdefault(p.split()[2], []).append(i != 0)
+    assert res["by_shape"] == pytest.approx({k: float(np.mean(v)) for k, v in expected.items()})
+    res = tbe.evaluate(None, [prompts[0], "a red circle and a blue square", *prompts[2:]], [0] * 6, 1, 1.0, 6)
+    assert res["by_shape"] is None  # a mixed set has no per-shape rate

@@ -137,7 +137,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--vae-init", required=True, help="VAE checkpoint of `train --vae-only` (shared with shapes-sd)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=int, default=8000, help="pre-rendered training images")
-    add_denoiser_args(ap, lr=5e-4, threads=1)
+    add_denoiser_args(ap, lr=1e-3, threads=1)
     return ap
 
 
