@@ -111,7 +111,7 @@ def test_dit_training_smoke_saves_a_loadable_flux_pipeline(tmp_path):
                        "--threads", "1", "--vae-only"]) == 0
     out = tmp_path / "dit"
     assert dit_main(["--vae-init", str(work / "vae.pt"), "--out", str(out), "--work", str(tmp_path / "w"),
-                     "--data", "16", "--steps", "2", "--every", "2", "--batch", "4"]) == 0
+                     "--data", "16", "--steps", "2", "--every", "2", "--batch", "4", "--lr", "2.0"]) == 0
     assert (tmp_path / "w" / "samples_000002.png").exists()
     pipe = attnedit.load(out)
     assert pipe.family.name == "flux" and pipe.true_cfg and pipe.default_size() == (64, 64)
@@ -120,7 +120,9 @@ def test_dit_training_smoke_saves_a_loadable_flux_pipeline(tmp_path):
     result = pipe("a red circle", steps=2, seed=0)
     assert result.image.size == (64, 64)
     assert result.params["true_cfg_scale"] == pipe.recommended()["guidance"]
-    # guidance 1 is one conditional pass: a different image from the guided one
+    # guidance 1 is one conditional pass: a different image from the guided one. adaLN-Zero starts the model at a
+    # zero velocity and the warm-up lr of step 2 is lr / 200, hence the large --lr: else the text barely counts yet
+    # and both images round to the same pixels
     plain = pipe("a red circle", steps=2, seed=0, guidance=1.0).image
     assert np.abs(np.asarray(plain, np.int16) - np.asarray(result.image, np.int16)).max() > 0
 
