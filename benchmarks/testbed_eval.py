@@ -9,8 +9,8 @@ prompts: captions of the world's "pair" and "triple" styles (world seed 99); a s
 named objects are present. "exact" also requires nothing else to be detected. Also prints
 attribute binding (colour on the right shape), the share of samples where some named object is
 missing (neglect) and, for single objects, the rate per shape. Steps, guidance and call arguments default to
-the model folder's `attnedit.json`;
-a FLUX model without a guidance embedding (shapes-dit) gets true CFG against an empty prompt.
+the model folder's `attnedit.json`; a FLUX model without a guidance embedding (shapes-dit) gets true CFG
+against an empty prompt.
 Why plain diffusers: these are the numbers of the model itself, the baseline every
 attention-control method is compared against.
 """
@@ -64,22 +64,22 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     images = generate(pipe, prompts, seeds, steps, guidance, chunk, call)
     found = [detect(im) for im in images]
     present = [all_present(p, f) for p, f in zip(prompts, found)]
+    requested = [parse_prompt(p).objects for p in prompts]
     # exact: the detected objects are the requested ones and nothing else (no extra blobs, no unknowns)
-    exact = [sorted(d.label for d in f) == sorted(parse_prompt(p).objects) for p, f in zip(prompts, found)]
+    exact = [sorted(d.label for d in f) == sorted(objs) for objs, f in zip(requested, found)]
     recall = [object_recall(p, f) for p, f in zip(prompts, found)]
     binding = [b for b in (attribute_binding(p, f) for p, f in zip(prompts, found)) if b is not None]
     # single-object sets: the rate per requested shape (which shapes a model has not learned yet)
-    by_shape: dict[str, list[bool]] = {}
-    for p, ok in zip(prompts, present):
-        objects = parse_prompt(p).objects
-        if len(objects) == 1:
-            by_shape.setdefault(objects[0][0], []).append(ok)
-    single = len(by_shape) > 0 and sum(map(len, by_shape.values())) == len(prompts)
+    by_shape = None
+    if requested and all(len(objs) == 1 for objs in requested):
+        hits: dict[str, list[bool]] = {}
+        for objs, ok in zip(requested, present):
+            hits.setdefault(objs[0][0], []).append(ok)
+        by_shape = {shape: float(np.mean(v)) for shape, v in hits.items()}
     return {"n": len(prompts), "exact": float(np.mean(exact)), "all_present": float(np.mean(present)),
             "object_recall": float(np.mean(recall)),
             "binding": float(np.mean(binding)) if binding else None,
-            "neglect": float(np.mean([r < 1.0 for r in recall])),
-            "by_shape": {k: float(np.mean(v)) for k, v in by_shape.items()} if single else None, "images": images}
+            "neglect": float(np.mean([r < 1.0 for r in recall])), "by_shape": by_shape, "images": images}
 
 
 def main(argv: list[str] | None = None) -> int:
