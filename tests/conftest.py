@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,6 +33,27 @@ def tiny_dir(tmp_path_factory):
     for fam in FAMILIES:
         build_tiny(fam).save_pretrained(root / fam)
     return root
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """`load_benchmark("quality")`: a script of `benchmarks/` as a module (they are scripts, not a package).
+
+    Why one loader: the scripts import their siblings by name (so `benchmarks/` goes on sys.path) and some
+    define dataclasses, which look their module up in sys.modules (so it is registered, as `bench_<name>`).
+    """
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(autouse=True)

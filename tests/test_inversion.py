@@ -156,17 +156,10 @@ SHAPES_SD = __import__("pathlib").Path(__file__).resolve().parent.parent / "asse
 
 
 @pytest.mark.skipif(not (SHAPES_SD / "model_index.json").is_file(), reason="testbed model shapes-sd not present")
-def test_round_trip_error_bound_shapes_sd():
+def test_round_trip_error_bound_shapes_sd(load_benchmark):
     """Trained testbed model, 2 world images, 10 steps: measured mean L1 10.9 (0-255) against a
     VAE-only floor of 8.7 (25 steps, 8 images: 17.2 vs 16.7; benchmarks/quality_masactrl.py)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "quality_masactrl", Path(__file__).resolve().parent.parent / "benchmarks" / "quality_masactrl.py")
-    quality = importlib.util.module_from_spec(spec)
-    __import__("sys").modules.setdefault("quality_masactrl", quality)
-    spec.loader.exec_module(quality)
+    quality = load_benchmark("quality_masactrl")
     row = quality.round_trip(attnedit.load("shapes-sd"), n_images=2, steps=10)
     assert row["l1"] < 14.0
     assert row["l1"] - row["l1_vae_floor"] < 4.0

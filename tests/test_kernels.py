@@ -304,15 +304,9 @@ def test_dispatch_torch_path_equals_references():
 # ----------------------------------------------------------------------------- benchmark plan
 
 
-def test_benchmark_plan_matches_the_performance_anchors(capsys):
+def test_benchmark_plan_matches_the_performance_anchors(capsys, load_benchmark):
     """The GPU benchmark cannot run here; its shapes and FLOP counts can (anchors §5, §6, §8)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_kernels"] = bench  # dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("kernels")
     cases = {(c.model, c.res, c.layer, c.feature): c for c in bench.build_cases()}
     flux = {res: cases[("FLUX", res, "joint", "plain")] for res in (1024, 2048, 4096)}
     assert [c.n_q for c in flux.values()] == [4608, 16896, 66048]

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_quality_benchmark_quick_run_writes_every_section(tmp_path):
-    quality = _load("quality")
+def test_quality_benchmark_quick_run_writes_every_section(tmp_path, load_benchmark):
+    quality = load_benchmark("quality")
     out = tmp_path / "quality"
     assert quality.main(["--model", "shapes-sd", "--quick", "--steps", "10", "--out", str(out)]) == 0
     text = out.with_suffix(".md").read_text()
@@ -35,10 +21,10 @@ def test_quality_benchmark_quick_run_writes_every_section(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_multisubject_controls_take_sweep_options_and_refuse_bad_ones():
+def test_multisubject_controls_take_sweep_options_and_refuse_bad_ones(load_benchmark):
     import pytest
 
-    qm = _load("quality_multisubject")
+    qm = load_benchmark("quality_multisubject")
     objects = [("circle", "red"), ("square", "blue")]
     ae = qm.make_control("A&E", objects, {"scale_factor": 5, "token_mode": "subjects"})
     assert ae.scale_factor == 5.0 and ae.token_mode == "subjects" and ae.words == ["circle", "square"]
@@ -52,17 +38,17 @@ def test_multisubject_controls_take_sweep_options_and_refuse_bad_ones():
         qm.make_control("A&E", objects, None, "noun")
 
 
-def test_attencraft_maps_and_ae_peaks_report_on_the_bundled_model(capsys):
+def test_attencraft_maps_and_ae_peaks_report_on_the_bundled_model(capsys, load_benchmark):
     """The diagnostics behind the AttenCraft and A&E findings run and show them on shapes-sd."""
     import re
 
-    assert _load("attencraft_maps").main(["--model", "shapes-sd", "--words", "red,magenta"]) == 0
+    assert load_benchmark("attencraft_maps").main(["--model", "shapes-sd", "--words", "red,magenta"]) == 0
     out = capsys.readouterr().out
     assert "AttenCraft levels: cross 0, self 0" in out and "power 4" in out
     level0 = out.split("cross level 0 (16x16)")[1].split("self level")[0]
     red = [float(v) for v in re.search(r"red\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", level0).groups()]
     assert red[0] > 3 * red[2]  # "red" marks the circle, not the background
-    assert _load("ae_peaks").main(["--model", "shapes-sd", "--seeds", "1", "--steps", "22"]) == 0
+    assert load_benchmark("ae_peaks").main(["--model", "shapes-sd", "--seeds", "1", "--steps", "22"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("token_mode=prompt")]
     nouns, colours = (float(re.search(r"step 10 \[([\d.]+)", ln).group(1)) for ln in lines)
     assert nouns < 0.5 < colours  # the noun loses the x100 softmax to its colour word

@@ -304,15 +304,9 @@ def test_testbed_train_is_on_the_command_line(capsys):
     assert "--vae-init" in capsys.readouterr().out
 
 
-def test_testbed_eval_rates_per_shape_on_rendered_images(monkeypatch):
+def test_testbed_eval_rates_per_shape_on_rendered_images(monkeypatch, load_benchmark):
     """`testbed_eval.evaluate` on the world's own renders: one wrong caption counts against its shape only."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "testbed_eval", Path(__file__).resolve().parents[1] / "benchmarks" / "testbed_eval.py")
-    tbe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tbe)
+    tbe = load_benchmark("testbed_eval")
     world = World(seed=3, style_probs={"single": 1.0})
     scenes = [world.scene(i) for i in range(6)]
     images = [world.image(i) for i in range(6)]
