@@ -5,7 +5,14 @@ One controller per installation. It owns:
 - a pre-forward hook on the denoiser that reads the timestep, latent size, FLUX image ids and
   text length before any processor runs (steps are known by timestep, never by counting calls),
 - pre-forward hooks on UNet `Transformer2DModel`s that record each level's exact token grid,
+- the pipeline's `__call__` (the instance's class is swapped for a subclass that adds nothing
+  but this, and swapped back by `remove`): each call starts a `Run` from its own arguments and,
+  for controls that update the latents, composes attnedit's `callback_on_step_end` with the
+  user's own callback and tensor inputs, so a stock `pipe(...)` gets the whole method,
 - the `BatchLayout` of the current forward and the `Run` (prompts, token indices, step count).
+
+A forward of the denoiser outside a pipeline call (a user's own loop) starts a run of its own,
+so layer selections are resolved the same way; controls that must update the latents refuse it.
 """
 
 from __future__ import annotations
@@ -87,15 +94,20 @@ class Controller:
         self._active_cache: dict[str, list[Control]] | None = None
         self._active_key: tuple | None = None
         self._forced_step: int | None = None
-        self._pending_prompts: dict[str, Any] | None = None
-        self._saw_forward = False
+        # run state: a run is open from `begin_run` until the pipeline call that began it returns
+        self._run_open = False
+        self._in_call = False
+        self._call_options: dict[str, Any] = {}
+        self._loop_latents: torch.Tensor | None = None
+        self._first_step_pending = False
         # installation state
         self._installed = False
         self._saved_processors: dict[str, Any] = {}
         self._handles: list[Any] = []
-        self._encode_wrapped = False
         self._cache_wrapped = False
+        self._class_swapped: type | None = None
         self._pass_name: str | None = None
+        self._refuse_unsupported()
         self._check_conflicts()
 
     # ----------------------------------------------------------------------------- install/remove
@@ -109,7 +121,7 @@ class Controller:
         for key, original in self._saved_processors.items():
             name = key[: -len(".processor")]
             info = self.registry.layers.get(name)
-            procs[key] = AttnEditProcessor(info, self) if info is not None else original
+            procs[key] = AttnEditProcessor(info, self, original) if info is not None else original
         try:
             self.denoiser.set_attn_processor(procs)
             self._handles.append(self.denoiser.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
@@ -121,9 +133,9 @@ class Controller:
                 # FLUX runs true-CFG's uncond pass as a separate forward under cache_context("uncond")
                 self.denoiser.cache_context = self._wrap_cache_context(self.denoiser.cache_context)
                 self._cache_wrapped = True
-            if hasattr(self.pipe, "encode_prompt") and "encode_prompt" not in vars(self.pipe):
-                self.pipe.encode_prompt = self._wrap_encode(self.pipe.encode_prompt)
-                self._encode_wrapped = True
+            base = type(self.pipe)
+            self.pipe.__class__ = _controlled_class(base)
+            self._class_swapped = base
         except Exception:
             self.remove()
             raise
@@ -134,28 +146,44 @@ class Controller:
         return self
 
     def remove(self) -> None:
-        """Put back exactly the processors and methods the pipeline had."""
+        """Put back exactly the processors, class and methods the pipeline had."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
         if self._saved_processors:
+            _carry_backend_choice(self.denoiser, self._saved_processors)
             self.denoiser.set_attn_processor(dict(self._saved_processors))
             self._saved_processors = {}
-        if self._encode_wrapped:
-            del self.pipe.encode_prompt
-            self._encode_wrapped = False
         if self._cache_wrapped:
             del self.denoiser.__dict__["cache_context"]
             self._cache_wrapped = False
+        if self._class_swapped is not None:
+            self.pipe.__class__ = self._class_swapped
+            self._class_swapped = None
+        if "prepare_latents" in vars(self.pipe):
+            del self.pipe.__dict__["prepare_latents"]
         if getattr(self.pipe, "_attnedit_controller", None) is self:
             del self.pipe._attnedit_controller
         self._installed = False
+        self._run_open = False
+        self._in_call = False
 
     def __enter__(self) -> Controller:
         return self.install()
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+    def _refuse_unsupported(self) -> None:
+        """Controls that update the latents need the pipeline's step callback: refuse them up front."""
+        stepping = [c for c in self.controls if c.overrides("on_step_end") or c.overrides("prepare_latents")]
+        if stepping and not pipeline_has_step_callback(self.pipe):
+            names = ", ".join(type(c).__name__ for c in stepping)
+            raise ValueError(
+                f"{names} update(s) the latents between denoising steps through `callback_on_step_end`, which "
+                f"{type(self.pipe).__name__} does not have, so it would do nothing here; it runs on "
+                f"{', '.join(f.label for f in step_callback_families())}"
+            )
 
     # ------------------------------------------------------------------------------ run lifecycle
     def begin_run(
@@ -170,7 +198,7 @@ class Controller:
         layout: BatchLayout | None = None,
         max_sequence_length: int | None = None,
     ) -> Run:
-        """Start a run explicitly (EditPipeline does this; stock calls are detected by the hooks)."""
+        """Start a run explicitly (pipeline calls and the denoiser's first forward do this themselves)."""
         self.run = Run(
             pipe=self.pipe,
             family=self.family,
@@ -187,8 +215,9 @@ class Controller:
             self.run.index_prompts(prompts)
         self.timestep = None
         self.step = 0
-        self._saw_forward = False
         self._active_cache = None
+        self._run_open = True
+        self._first_step_pending = any(c.overrides("prepare_latents") for c in self.controls)
         self._check_conflicts(num_steps)
         for c in self.controls:
             c.reset()
@@ -209,32 +238,109 @@ class Controller:
                             "give them disjoint `layers=` or `steps=`"
                         )
 
+    @contextmanager
+    def call_options(self, **options: Any) -> Iterator[None]:
+        """Run settings the pipeline's arguments do not carry (EditPipeline's `layout`), for the next call."""
+        saved, self._call_options = self._call_options, dict(options)
+        try:
+            yield
+        finally:
+            self._call_options = saved
+
+    # ------------------------------------------------------------------------------ pipeline calls
+    def pipeline_call(self, call: Any, args: tuple, kwargs: dict) -> Any:
+        """One call of the pipeline's own `__call__` with this installation's run around it.
+
+        The run starts from the call's arguments (prompts, images per prompt, steps, size), so the
+        controls are validated before any model runs. Latent-updating controls get the step callback
+        composed with the user's: the user's callback first (it sees the scheduler's latents, as
+        without attnedit), then attnedit's update of the next step's latents; the tensor inputs are
+        the user's plus "latents". The step-0 update runs on the pipeline's own initial latents at
+        the first forward, once the schedule is final.
+        """
+        if self._in_call:
+            raise RuntimeError("a controlled pipeline was called again from inside its own call; attnedit runs "
+                               "one call at a time per installation")
+        sig = inspect.signature(call)
+        bound = sig.bind(self.pipe, *args, **kwargs)
+        params = {**{k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty},
+                  **bound.arguments}
+        self.begin_run(**self._run_arguments(params))
+        stepping = any(c.overrides("on_step_end") for c in self.controls)
+        if stepping:
+            user = params.get("callback_on_step_end")
+            if _is_own_callback(user, self):
+                user = None  # the pre-0.2 way: `callback_on_step_end=ctrl.step_callback`
+            inputs = getattr(user, "tensor_inputs", None) or params.get("callback_on_step_end_tensor_inputs") or []
+            bound.arguments["callback_on_step_end"] = self._composed_callback(user)
+            bound.arguments["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys([*inputs, "latents"]))
+        wrapped = self._first_step_pending and "prepare_latents" not in vars(self.pipe)
+        if wrapped:
+            self.pipe.prepare_latents = self._wrap_prepare_latents(self.pipe.prepare_latents)
+        self._in_call = True
+        self._loop_latents = None
+        try:
+            return call(*bound.args, **bound.kwargs)
+        finally:
+            self._in_call = False
+            self._run_open = False
+            self._loop_latents = None
+            if wrapped and "prepare_latents" in vars(self.pipe):
+                del self.pipe.__dict__["prepare_latents"]
+
+    def _run_arguments(self, params: dict[str, Any]) -> dict[str, Any]:
+        """`begin_run` arguments read from a pipeline call's bound arguments (plus `call_options`)."""
+        prompt = params.get("prompt")
+        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
+        steps = params.get("num_inference_steps")
+        for key in ("timesteps", "sigmas"):
+            if params.get(key) is not None:
+                steps = len(params[key])
+        height, width = params.get("height"), params.get("width")
+        if height is None or width is None:
+            side = getattr(self.pipe, "default_sample_size", None)
+            if side is None:
+                side = getattr(self.denoiser.config, "sample_size", None)
+                side = side[0] if isinstance(side, (list, tuple)) else side
+            f = int(getattr(self.pipe, "vae_scale_factor", 8))
+            height = height or (side * f if side else None)
+            width = width or (side * f if side else None)
+        out = dict(
+            prompts=prompts,
+            num_images_per_prompt=int(params.get("num_images_per_prompt") or 1),
+            num_steps=int(steps) if steps is not None else None,
+            height=height,
+            width=width,
+            max_sequence_length=params.get("max_sequence_length"),
+        )
+        out.update(self._call_options)
+        return out
+
+    def _composed_callback(self, user: Any):
+        def callback_on_step_end(pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
+            outputs: dict = {}
+            if user is not None:
+                outputs = dict(user(pipe, step_index, timestep, callback_kwargs) or {})
+            updates = self.step_callback(pipe, step_index, timestep, {**callback_kwargs, **outputs})
+            return {**outputs, **updates}
+
+        return callback_on_step_end
+
+    def _wrap_prepare_latents(self, original):
+        """Keep the pipeline's initial latents (a private copy: a user's `latents=` is never written to)."""
+
+        def prepare_latents(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if isinstance(out, tuple):
+                latents = out[0].clone()
+                self._loop_latents = latents
+                return (latents, *out[1:])
+            self._loop_latents = out.clone()
+            return self._loop_latents
+
+        return prepare_latents
+
     # ---------------------------------------------------------------------------- hooks
-    def _wrap_encode(self, original):
-        sig = inspect.signature(original)
-
-        def encode_prompt(*args, **kwargs):
-            try:
-                bound = sig.bind_partial(*args, **kwargs)
-                params = bound.arguments
-            except TypeError:
-                params = kwargs
-            prompt = params.get("prompt")
-            if self._pending_prompts is None or self._saw_forward:
-                if prompt is not None:
-                    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-                    self._pending_prompts = {
-                        "prompts": prompts,
-                        "num_images_per_prompt": int(params.get("num_images_per_prompt") or 1),
-                        "max_sequence_length": params.get("max_sequence_length"),
-                    }
-                    self._saw_forward = False
-                    if not getattr(self.pipe, "_attnedit_explicit_run", False):
-                        self._start_stock_run()
-            return original(*args, **kwargs)
-
-        return encode_prompt
-
     def _wrap_cache_context(self, original):
         @contextmanager
         def cache_context(name: str, **kwargs):
@@ -247,14 +353,6 @@ class Controller:
 
         return cache_context
 
-    def _start_stock_run(self) -> None:
-        info = self._pending_prompts or {}
-        self.begin_run(
-            info.get("prompts"),
-            num_images_per_prompt=info.get("num_images_per_prompt", 1),
-            max_sequence_length=info.get("max_sequence_length"),
-        )
-
     def _grid_hook(self, parent: str):
         def hook(module, args):
             hs = args[0] if args else None
@@ -264,15 +362,25 @@ class Controller:
         return hook
 
     def _pre_forward(self, module, args, kwargs):
-        self._saw_forward = True
-        sample = kwargs.get("sample", kwargs.get("hidden_states"))
-        if sample is None and args:
-            sample = args[0]
+        key = "sample" if "sample" in kwargs else ("hidden_states" if "hidden_states" in kwargs else None)
+        sample = kwargs[key] if key is not None else (args[0] if args else None)
         t = kwargs.get("timestep")
         if t is None and len(args) > 1:
             t = args[1]
         if t is None:
             raise RuntimeError("attnedit could not read the timestep passed to the denoiser")
+        if self.phase == "denoise" and self._forced_step is None:
+            if not self._run_open:
+                self._begin_direct_run()
+            if self._first_step_pending:
+                self._first_step_pending = False
+                new = self._first_step_update(sample, t)
+                if new is not None:
+                    sample = new
+                    if key is not None:
+                        kwargs = {**kwargs, key: new}
+                    else:
+                        args = (new, *args[1:])
         t_val = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
         ehs = kwargs.get("encoder_hidden_states")
         if ehs is None and len(args) > 2 and isinstance(args[2], torch.Tensor):
@@ -297,7 +405,51 @@ class Controller:
             self._check_processors()
         self._track_step(t_val)
         self._set_layout(int(sample.shape[0]))
-        return None
+        return args, kwargs
+
+    def _begin_direct_run(self) -> None:
+        """The denoiser was called outside a pipeline call: bind the controls for this run now."""
+        stepping = [type(c).__name__ for c in self.controls
+                    if c.overrides("on_step_end") or c.overrides("prepare_latents")]
+        if stepping:
+            raise RuntimeError(
+                f"{', '.join(stepping)} update(s) the latents between steps, which needs a pipeline call "
+                "(pipe(...) or EditPipeline.generate); called directly, the denoiser would run without it"
+            )
+        self.begin_run()
+        self._first_step_pending = False
+
+    def _first_step_update(self, sample: torch.Tensor, t: Any) -> torch.Tensor | None:
+        """Controls' `prepare_latents` on the loop's initial latents; returns this forward's new input."""
+        latents = self._loop_latents
+        if latents is None:
+            return None
+        sched = getattr(self.pipe.scheduler, "timesteps", None)
+        if sched is not None and len(sched) and self.run.num_steps != len(sched):
+            self.run.num_steps = len(sched)
+            for c in self.controls:
+                c.check_steps(self.run)
+        new = latents
+        for c in self.controls:
+            if c.overrides("prepare_latents"):
+                new = c.prepare_latents(self.run, new)
+        if new is latents:
+            return None
+        latents.copy_(new)  # the tensor the pipeline's loop holds: the scheduler steps from x_t as updated
+        reps, rest = divmod(int(sample.shape[0]), int(latents.shape[0]))
+        if rest or tuple(sample.shape[1:]) != tuple(latents.shape[1:]):
+            raise RuntimeError(
+                f"the denoiser's first input {tuple(sample.shape)} is not the pipeline's latents "
+                f"{tuple(latents.shape)} repeated; attnedit cannot apply the step-0 update here"
+            )
+        x = latents.repeat(reps, *[1] * (latents.dim() - 1)) if reps > 1 else latents
+        if self.family.arch == "unet":
+            scheduler = self.pipe.scheduler
+            saved = getattr(scheduler, "_step_index", None)
+            x = scheduler.scale_model_input(x, t)
+            if hasattr(scheduler, "_step_index"):
+                scheduler._step_index = saved
+        return x.to(sample.dtype)
 
     def _check_processors(self) -> None:
         """Refuse to run when something replaced attnedit's processors after `apply`."""
@@ -317,7 +469,6 @@ class Controller:
         self.t = min(max(t_val / self.family.timestep_scale, 0.0), 1.0)
         if self._forced_step is not None:
             new_step = self._forced_step
-            new_run = False
         elif self.timestep is not None and math.isclose(t_val, self.timestep, rel_tol=0, abs_tol=1e-6):
             return  # another pass at the same step (CFG split, guidance, true CFG)
         else:
@@ -328,9 +479,9 @@ class Controller:
             else:
                 new_run = self.timestep is None or t_val > self.timestep
                 new_step = 0 if new_run else self.step + 1
-            if new_run and self.timestep is not None and self.phase == "denoise":
-                # a second generation through the same installation (stock pipeline calls)
-                self._start_stock_run()
+            if new_run and self.timestep is not None and self.phase == "denoise" and not self._in_call:
+                # a second denoising loop through the same installation, outside a pipeline call
+                self.begin_run()
         self.timestep = t_val
         self.step = new_step
         if self.run.num_steps is None:
@@ -378,16 +529,15 @@ class Controller:
         """
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
-        saved = (self.phase, self.layout_override, self._forced_step,
-                 self.timestep, self.step, self.t, self._saw_forward)
+        saved = (self.phase, self.layout_override, self._forced_step, self.timestep, self.step, self.t, self.layout)
         self.phase, self.layout_override, self._active_cache = phase, layout, None
         if step is not None:
             self._forced_step = step
         try:
             yield
         finally:
-            (self.phase, self.layout_override, self._forced_step,
-             self.timestep, self.step, self.t, self._saw_forward) = saved
+            (self.phase, self.layout_override, self._forced_step, self.timestep, self.step, self.t,
+             self.layout) = saved
             self._active_cache = None
 
     def active_controls(self, layer: LayerInfo) -> list[Control]:
@@ -439,7 +589,11 @@ class Controller:
         )
 
     def step_callback(self, pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
-        """`callback_on_step_end` for diffusers pipelines: lets controls update the latents."""
+        """attnedit's part of `callback_on_step_end`: lets controls update the latents.
+
+        Installed for every pipeline call by `pipeline_call` (composed with the user's callback);
+        passing it yourself as `callback_on_step_end=ctrl.step_callback` still works (it is not doubled).
+        """
         updates: dict = {}
         for c in self.controls:
             if c.overrides("on_step_end"):
@@ -471,6 +625,67 @@ class Controller:
                 row["grid"] = info.grid(latent_hw, self.registry.patch)
             rows.append(row)
         return rows
+
+
+# ----------------------------------------------------------------------------- pipeline classes
+_CONTROLLED: dict[type, type] = {}
+
+
+def _controlled_class(base: type) -> type:
+    """`base` plus a `__call__` that runs through the installed controller (one subclass per class).
+
+    Python looks `__call__` up on the type, so a stock `pipe(...)` can only be intercepted by the
+    instance's class; the subclass keeps the name, module, signature and docstring of `base`.
+    """
+    if getattr(base, "_attnedit_base", None) is not None:
+        base = base._attnedit_base
+    cls = _CONTROLLED.get(base)
+    if cls is None:
+        stock_call = base.__call__
+
+        def __call__(self, *args, **kwargs):
+            ctrl = self.__dict__.get("_attnedit_controller")
+            if ctrl is None:
+                return stock_call(self, *args, **kwargs)
+            return ctrl.pipeline_call(stock_call, args, kwargs)
+
+        __call__.__signature__ = inspect.signature(stock_call)
+        __call__.__doc__ = stock_call.__doc__
+        cls = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
+                                            "__qualname__": base.__qualname__, "_attnedit_base": base})
+        _CONTROLLED[base] = cls
+    return cls
+
+
+def stock_class(pipe: Any) -> type:
+    """The pipeline's own class (the class attnedit swapped in while installed is a subclass of it)."""
+    cls = type(pipe)
+    return getattr(cls, "_attnedit_base", None) or cls
+
+
+def pipeline_has_step_callback(pipe: Any) -> bool:
+    """Whether the pipeline's `__call__` takes `callback_on_step_end` (PixArt's does not)."""
+    return "callback_on_step_end" in inspect.signature(stock_class(pipe).__call__).parameters
+
+
+def step_callback_families() -> list[Family]:
+    from .families import FAMILIES
+
+    return [f for f in FAMILIES.values() if f.supports_step_callback]
+
+
+def _is_own_callback(callback: Any, controller: Controller) -> bool:
+    return getattr(callback, "__self__", None) is controller and getattr(callback, "__name__", "") == "step_callback"
+
+
+def _carry_backend_choice(denoiser: torch.nn.Module, saved: dict[str, Any]) -> None:
+    """A diffusers attention backend chosen while attnedit was installed stays chosen after `remove`."""
+    for key, proc in denoiser.attn_processors.items():
+        original = saved.get(key)
+        if isinstance(proc, AttnEditProcessor) and original is not None and proc.stock_dispatch:
+            for attr in ("_attention_backend", "_parallel_config"):
+                if getattr(proc, attr, None) is not getattr(original, attr, None):
+                    setattr(original, attr, getattr(proc, attr, None))
 
 
 _REGISTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

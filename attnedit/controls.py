@@ -20,6 +20,7 @@ never share state by accident.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .kernels.types import KVDownsample, LocalWindow, RegionMask
-from .layers import LayerInfo
+from .layers import LayerInfo, LayerRegistry
 from .layout import BatchLayout
 from .selectors import ALL, ALL_STEPS, Select, Steps, as_steps
 
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 
 
 PHASES = ("denoise", "guidance", "inversion")
+#: the hooks the processor calls inside an attention layer (a control with none of them needs no layer)
+ATTENTION_HOOKS = ("qkv", "regions", "downsample", "window", "capture", "observe", "attend", "output")
 
 
 @dataclass
@@ -97,12 +100,50 @@ class Control:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def bind(self, run: Run) -> None:
-        """Resolve the layer selection on this model; then `setup` validates inputs."""
-        picked = self.layers.pick(run.registry) if isinstance(self.layers, Select) else [
-            i for i in run.registry if self.layers(i)
-        ]
+        """Resolve the layer selection on this model, check the step window; then `setup` validates inputs.
+
+        A selection that picks no layer, or a window that picks no step of the run, would make the
+        control do nothing: both are refused here, before any denoising (an explicitly empty window,
+        `Steps(0, 0)`, only warns: running plain is then what the user asked for).
+        """
+        picked = self.pick_layers(run)
+        if not picked and any(self.overrides(h) for h in ATTENTION_HOOKS):
+            raise ValueError(
+                f"{type(self).__name__}: layers={self.layers!r} selects no attention layer of this "
+                f"{run.family.label} model, so it would do nothing; its layers: {describe_layers(run.registry)}"
+            )
         self._selected = frozenset(i.name for i in picked)
+        self.check_steps(run)
         self.setup(run)
+
+    def pick_layers(self, run: Run) -> list[LayerInfo]:
+        """The layers `self.layers` selects on the run's model."""
+        if isinstance(self.layers, Select):
+            return self.layers.pick(run.registry)
+        return [i for i in run.registry if self.layers(i)]
+
+    def check_steps(self, run: Run) -> None:
+        """Refuse a step window that selects no step of the run (warn once if it is empty by design)."""
+        total = run.num_steps
+        if total is None:
+            return
+        try:
+            lo, hi = self.steps.bounds(total)
+        except ValueError:
+            return
+        if max(lo, 0) < min(hi, total):
+            return
+        if self.steps.empty:
+            if not getattr(self, "_warned_empty", False):
+                self._warned_empty = True
+                warnings.warn(f"{type(self).__name__}: steps={self.steps!r} selects no step, so it does not act "
+                              "in this run", UserWarning, stacklevel=4)
+            return
+        raise ValueError(
+            f"{type(self).__name__}: steps={self.steps!r} selects no step of this {total}-step run "
+            f"(steps {lo}..{hi - 1 if hi < 1 << 29 else 'end'} asked, 0..{total - 1} exist), so it would do "
+            "nothing; give a window inside the run, e.g. Steps(0, 0.5), or more steps"
+        )
 
     def setup(self, run: Run) -> None:
         """Check the inputs against the model and prompts (raise ValueError before denoising)."""
@@ -172,6 +213,15 @@ class Control:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
+
+
+def describe_layers(registry: LayerRegistry) -> str:
+    """A short summary of a model's layers for error messages (kinds, blocks, index range)."""
+    infos = list(registry)
+    kinds = sorted({i.kind for i in infos})
+    blocks = sorted({i.block for i in infos})
+    return (f"{len(infos)} layers, kinds {', '.join(kinds)}, blocks {', '.join(blocks)}, "
+            f"indices 0..{max(i.index for i in infos)}, levels {', '.join(map(str, registry.levels()))}")
 
 
 def _jsonable(value: Any) -> Any:

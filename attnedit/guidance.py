@@ -6,14 +6,15 @@ loss per sample and moves the latents down its gradient. Everything else stays o
 attention path, and with `early_exit` the guidance forward stops right after the last needed
 layer (on SD1.5 the 32x32 and 64x64 decoder levels are skipped in forward and backward).
 
-Where the updates happen (stock diffusers loops are kept):
-- the update before step 0 runs in `prepare_latents` (EditPipeline calls it before the loop);
+Where the updates happen (stock diffusers loops are kept, on `EditPipeline.generate` and on a
+stock `pipe(...)` under `attnedit.apply` alike, which are one path):
+- the update before step 0 runs in `prepare_latents`, which the controller calls at the first
+  denoising forward on the pipeline's own initial latents x_T (scaled, packed), once the schedule
+  is final, and feeds the updated latents to that forward and to the pipeline's loop;
 - the update before step i + 1 runs in `on_step_end` of step i (`callback_on_step_end`, which
-  diffusers calls after the scheduler step): the latents it returns are x_{t_{i+1}}, and the
-  guidance pass uses t_{i+1} looked up in `scheduler.timesteps`.
-On a stock pipeline driven through `attnedit.apply(pipe, control)` the user passes
-`callback_on_step_end=controller.step_callback`; step 0 then cannot be guided (no hook before the
-loop can change the pipeline's latents) and is skipped.
+  diffusers calls after the scheduler step, and which the controller composes with the user's own
+  callback): the latents it returns are x_{t_{i+1}}, and the guidance pass uses t_{i+1} looked up
+  in `scheduler.timesteps`.
 
 Prompt embeddings: the engine encodes the run's prompts itself with the pipeline class's own
 `encode_prompt` (bypassing attnedit's wrapper), conditional branch only, plus SDXL's added time
@@ -275,6 +276,11 @@ class GuidanceControl(Control):
     def selects(self, layer: LayerInfo) -> bool:
         return True  # which layers capture is decided per call (`capture`)
 
+    def check_steps(self, run: Run) -> None:
+        if type(self).denoise_active is not GuidanceControl.denoise_active:
+            return  # it also acts in every denoising forward (Bounded's masks), whatever the guided window
+        super().check_steps(run)
+
     def active(self, step: int, num_steps: int | None, phase: str) -> bool:
         if phase == "guidance":
             return bool(self.state.in_pass)
@@ -302,9 +308,7 @@ class GuidanceControl(Control):
     def prepare_latents(self, run: Run, latents: torch.Tensor) -> torch.Tensor:
         if not self.guided(0, run.num_steps):
             return latents
-        sigma = float(getattr(run.pipe.scheduler, "init_noise_sigma", 1.0))
-        z = self.guide(run, latents * sigma, 0)
-        return z / sigma
+        return self.guide(run, latents, 0)
 
     def on_step_end(self, run: Run, step: int, timestep, tensors: dict[str, torch.Tensor]) -> dict:
         nxt = step + 1

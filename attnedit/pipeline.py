@@ -398,52 +398,32 @@ class EditPipeline:
         for key, value in call.items():
             if isinstance(value, (str, int, float, bool)):
                 params.setdefault(key, value)
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        if latents is None:
+            latents = self.initial_latents(n, height, width, generators)
+        kwargs = dict(
+            prompt=prompts,
+            negative_prompt=_expand(negative_prompt, len(prompts)),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            num_images_per_prompt=num_images,
+            generator=generators,
+            latents=latents,
+            output_type="pil",
+            **call,
+        )
+        if negative_prompt is None:
+            kwargs.pop("negative_prompt")
         ctrl.install()
-        self.pipe._attnedit_explicit_run = True
         try:
-            self.pipe.scheduler.set_timesteps(steps)
-            run = ctrl.begin_run(
-                prompts,
-                num_images_per_prompt=num_images,
-                num_steps=steps,
-                height=height,
-                width=width,
-                cfg=cfg,
-                layout=layout,
-                max_sequence_length=call.get("max_sequence_length"),
-            )
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            if latents is None:
-                latents = self.initial_latents(n, height, width, generators)
-            for c in ctrl.controls:
-                if c.overrides("prepare_latents"):
-                    latents = c.prepare_latents(run, latents)
-            if any(c.overrides("on_step_end") for c in ctrl.controls):
-                if not self.family.supports_step_callback:
-                    raise ValueError(f"{self.family.label} pipelines have no step callback: latent-updating "
-                                     "controls cannot run on them")
-                call["callback_on_step_end"] = ctrl.step_callback
-                call["callback_on_step_end_tensor_inputs"] = ["latents"]
-            kwargs = dict(
-                prompt=prompts,
-                negative_prompt=_expand(negative_prompt, len(prompts)),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=height,
-                width=width,
-                num_images_per_prompt=num_images,
-                generator=generators,
-                latents=latents,
-                output_type="pil",
-                **call,
-            )
-            if negative_prompt is None:
-                kwargs.pop("negative_prompt")
-            out = self.pipe(**kwargs)
+            # the same path as a stock call under attnedit.apply: the controlled __call__ starts the run
+            # from these arguments (plus the layout and CFG flag they do not carry)
+            with ctrl.call_options(layout=layout, cfg=cfg):
+                out = self.pipe(**kwargs)
             records = ctrl.records()
         finally:
-            self.pipe._attnedit_explicit_run = False
-            del self.pipe._attnedit_explicit_run
             ctrl.remove()
         return Result(images=list(out.images), records=records, params=params)
 

@@ -2,8 +2,14 @@
 
 It reproduces the stock processors (`AttnProcessor2_0`, `JointAttnProcessor2_0`,
 `FluxAttnProcessor`) step for step: project, normalise, RoPE, attend, project out. Between
-"project" and "attend" it hands BSHD q/k/v to the controls active at this layer and step; with
-none active it calls the plain attention dispatch, so outputs equal the stock processor's.
+"project" and "attend" it hands BSHD q/k/v to the controls active at this layer and step.
+
+Attention that needs no attnedit feature (no control active here, or the active ones ask for no
+mask, resampling, window, capture or replacement) is computed exactly as the stock processor
+computes it: through diffusers' `dispatch_attention_fn` where the stock processor dispatches
+there (FLUX's; a user's `set_attention_backend("flash" | "sage" | ...)` holds), SDPA where it calls
+SDPA (`AttnProcessor2_0`, `JointAttnProcessor2_0`). Only `attnedit.kernels.use("triton")` sends
+plain attention to attnedit's own kernel. Everything else goes to `attnedit.kernels.attention`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from . import kernels
 from .layers import LayerInfo
@@ -26,9 +33,14 @@ class AttnEditProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, layer: LayerInfo, controller: Controller) -> None:
+    def __init__(self, layer: LayerInfo, controller: Controller, original: object | None = None) -> None:
         self.layer = layer
         self.controller = controller
+        #: the stock processor dispatched through diffusers' attention backends (else it called SDPA)
+        self.stock_dispatch = hasattr(original, "_attention_backend")
+        if self.stock_dispatch:
+            self._attention_backend = getattr(original, "_attention_backend", None)
+            self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(
         self,
@@ -166,11 +178,7 @@ class AttnEditProcessor:
         controller = self.controller
         active = controller.active_controls(self.layer)
         if not active:
-            if self.controller.family.name == "flux" and mask is None:
-                from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-                return dispatch_attention_fn(q, k, v, attn_mask=None)
-            return kernels.attention(q, k, v, mask=mask)
+            return self.plain(q, k, v, mask)
         ctx = controller.context(self.layer, attn, hidden_states, encoder_hidden_states, image, text, q.shape[1])
         for c in active:
             if c.overrides("qkv"):
@@ -197,6 +205,8 @@ class AttnEditProcessor:
         if attender is not None:
             out = attender.attend(ctx, q, k, v, mask)
         probs = None
+        if out is None and regions is None and downsample is None and window is None and not captures:
+            out = self.plain(q, k, v, mask)
         if out is None:
             capture_keys = None
             if captures:
@@ -213,6 +223,19 @@ class AttnEditProcessor:
             if c.overrides("output"):
                 out = c.output(ctx, out)
         return out
+
+
+    def plain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention with no attnedit feature, computed the way the stock processor computes it."""
+        if kernels.current() == "triton":
+            return kernels.attention(q, k, v, mask=mask)
+        if self.stock_dispatch:
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+            return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._attention_backend,
+                                         parallel_config=self._parallel_config)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return out.transpose(1, 2)
 
 
 def combine_regions(a: kernels.RegionMask, b: kernels.RegionMask) -> kernels.RegionMask:

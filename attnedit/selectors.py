@@ -82,6 +82,18 @@ class Select:
                 return False
         return True
 
+    def __repr__(self) -> str:
+        parts = []
+        for key in ("kind", "block", "level", "top", "min_index", "max_index", "name"):
+            value = getattr(self, key)
+            if value is None or value is False:
+                continue
+            if isinstance(value, frozenset):
+                value = sorted(value)
+                value = value[0] if len(value) == 1 else tuple(value)
+            parts.append(f"{key}={value!r}")
+        return f"Select({', '.join(parts)})"
+
     def pick(self, layers: Iterable[LayerInfo]) -> list[LayerInfo]:
         """The selected layers among `layers` (resolving `top` on that set)."""
         layers = list(layers)
@@ -97,7 +109,8 @@ class Steps:
     """A window of denoising steps, [start, stop).
 
     ints are step indices; floats in [0, 1] are fractions of the schedule (so a default written
-    for 50 steps scales to any step count); None means open. `Steps(0, 0)` selects nothing.
+    for 50 steps scales to any step count); None means open. `Steps(0, 0)` selects nothing on
+    purpose (the control then warns that it does not act); a start after the stop is refused.
     """
 
     start: int | float | None = 0
@@ -113,6 +126,15 @@ class Steps:
                 raise ValueError(f"fractional step bounds must be within [0, 1], got {v}")
             if isinstance(v, int) and v < 0:
                 raise ValueError(f"step bounds must be >= 0, got {v}")
+        lo, hi = self.start, self.stop
+        if lo is not None and hi is not None and type(lo) is type(hi) and lo > hi:
+            raise ValueError(f"Steps({lo!r}, {hi!r}): the start is after the stop, so it selects no step; "
+                             f"did you mean Steps({hi!r}, {lo!r})?")
+
+    @property
+    def empty(self) -> bool:
+        """Empty by construction (`Steps(0, 0)`, `Steps(0.5, 0.5)`), whatever the number of steps."""
+        return self.start is not None and self.start == self.stop
 
     @staticmethod
     def _resolve(v: int | float | None, total: int | None, default: int) -> int:

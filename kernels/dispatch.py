@@ -5,6 +5,14 @@ ToDo K/V downsampling, a CLEAR local window, probability capture) and runs the b
 backend: a registered fast backend (the Triton kernels) when it supports the case, else the
 PyTorch path (SDPA, or xformers when installed and the case is plain). Choice order:
 `use(...)` > env `ATTNEDIT_KERNELS` (torch|triton|auto) > auto.
+
+A fast backend is only chosen where it is exact for the caller:
+- "auto" takes the Triton kernels for CUDA tensors; "triton" also for CPU tensors when Triton's
+  interpreter is on (`TRITON_INTERPRET=1`: how CI runs the kernels inside whole pipelines) and
+  refuses CPU tensors otherwise.
+- The kernels are forward-only: when gradients must flow through the attention (grad enabled and
+  q, k or v requiring grad: guidance passes, CLEAR distillation, AttenCraft's attention losses),
+  the PyTorch path runs instead, whose SDPA and captured probabilities carry autograd.
 """
 
 from __future__ import annotations
@@ -111,16 +119,43 @@ def attention(
     choice = current()
     # Import Triton only when it can run (CUDA) or was forced: importing it on CPU is slow and
     # would decorate the kernels before a test can set TRITON_INTERPRET.
-    if choice != "torch" and (q.is_cuda or choice == "triton"):
+    if choice != "torch" and (q.is_cuda or choice == "triton") and not needs_grad(q, k, v):
         backend = _load_triton()
-        ok = backend is not None and q.is_cuda and backend.supports(q, k, v, **features)
-        if ok:
+        if backend is None:
+            if choice == "triton":
+                raise RuntimeError("attnedit.kernels.use('triton') was forced but Triton is not importable; "
+                                   "pip install triton, or use('auto')")
+        elif (q.is_cuda or _check_interpreter(choice)) and backend.supports(q, k, v, **features):
             out, probs = backend.run(q, k, v, **features)
             return out if capture is None else (out, probs)
-        if choice == "triton" and backend is None:
-            raise RuntimeError("attnedit.kernels.use('triton') was forced but Triton is not importable")
     out, probs = torch_attention(q, k, v, **features)
     return out if capture is None else (out, probs)
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd must flow through an attention on these inputs (the kernels are forward-only)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its kernels in the interpreter (`TRITON_INTERPRET=1`), i.e. on CPU tensors."""
+    try:
+        import triton
+
+        return bool(triton.knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_interpreter(choice: str) -> bool:
+    """CPU tensors under a forced "triton": fine in the interpreter, a clear error otherwise."""
+    if interpreting():
+        return True
+    raise RuntimeError(
+        "attnedit.kernels.use('triton') runs the Triton kernels, which need CUDA tensors (or TRITON_INTERPRET=1 "
+        "set before triton is imported, to run them on the CPU in Triton's interpreter); use('auto') or "
+        "use('torch') on the CPU"
+    )
 
 
 # ----------------------------------------------------------------------------- PyTorch path

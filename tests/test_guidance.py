@@ -178,16 +178,27 @@ def test_gradient_clipping_bounds_each_sample_update():
         _NaNLoss(max_grad_norm=0.0)
 
 
-def test_stock_pipeline_with_step_callback_guides_from_step_one(sd):
+def test_stock_pipeline_guides_every_step_like_edit_pipeline(sd):
+    """A plain stock call under attnedit.apply gets the whole method, step 0 included; passing the
+    old `callback_on_step_end=ctrl.step_callback` by hand changes nothing (no double update)."""
     ae = attnedit.AttendExcite(words=["cat", "dog"], thresholds={})
+    latents = sd.initial_latents(1, 64, 64, [torch.Generator().manual_seed(0)])
+    call = dict(num_inference_steps=4, guidance_scale=7.5, height=64, width=64, latents=latents, output_type="np")
     ctrl = attnedit.apply(sd.pipe, ae)
     try:
-        sd.pipe(PROMPT, num_inference_steps=4, callback_on_step_end=ctrl.step_callback,
-                callback_on_step_end_tensor_inputs=["latents"])
+        stock = sd.pipe(PROMPT, **call).images
+        by_hand = sd.pipe(PROMPT, callback_on_step_end=ctrl.step_callback,
+                          callback_on_step_end_tensor_inputs=["latents"], **call).images
     finally:
         attnedit.remove(sd.pipe)
-    assert [e["step"] for e in ae.records()["guidance"]] == [1]
+    assert [e["step"] for e in ae.records()["guidance"]] == [0, 1]
     assert not hasattr(sd.pipe, "_attnedit_controller")
+    assert np.array_equal(stock, by_hand)
+    ours = sd(PROMPT, seed=0, steps=4, guidance=7.5, controls=[attnedit.AttendExcite(words=["cat", "dog"],
+                                                                                       thresholds={})])
+    assert np.array_equal(np.asarray(ours.image), (stock[0] * 255).round().astype(np.uint8))
+    plain = sd.pipe(PROMPT, **call).images
+    assert not np.array_equal(stock, plain)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
@@ -201,7 +212,7 @@ def test_guidance_runs_on_sdxl_sd3_flux(family):
 
 # ------------------------------------------------------------------------------ bad input
 def test_pixart_is_refused_before_denoising():
-    for family, match in (("pixart", "no step callback"),):
+    for family, match in (("pixart", "does not have, so it would do nothing"),):
         pipe = attnedit.load(f"tiny-{family}")
         calls: list[int] = []
         handle = pipe.denoiser.register_forward_pre_hook(lambda *a, seen=calls: seen.append(1))

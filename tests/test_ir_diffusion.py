@@ -159,7 +159,7 @@ def test_isolation_and_ir_diffusion_run(sd):
     iso = sd.generate("a cat and a dog", seed=0, controls=[IsolationAttention(boxes=BOXES)])
     assert np.asarray(iso.images[0]).shape == np.asarray(plain.images[0]).shape
     assert not np.array_equal(np.asarray(iso.images[0]), np.asarray(plain.images[0]))
-    off = sd.generate("a cat and a dog", seed=0, controls=[IsolationAttention(boxes=BOXES, steps=(100, None))])
+    off = sd.generate("a cat and a dog", seed=0, controls=[IsolationAttention(boxes=BOXES, steps=(0, 0))])
     assert np.array_equal(np.asarray(off.images[0]), np.asarray(plain.images[0]))
     res = ir_diffusion(sd, ["a cat", "a dog"], "a cat and a dog", ["cat", "dog"],
                        target_boxes=[(0.0, 0.2, 0.5, 0.9), (0.5, 0.2, 1.0, 0.9)], seed=1)
