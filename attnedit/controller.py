@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .controls import PHASES, CallContext, Control
+from .controls import NEEDS_PROMPT, PHASES, CallContext, Control
 from .families import Family, family_of, text_segments
 from .layers import LayerInfo, LayerRegistry, build_registry
 from .layout import BatchLayout
@@ -58,7 +58,7 @@ class Run:
     def tokens_of_sample(self, sample: int) -> TokenIndex:
         """Token index of the prompt that image `sample` of the batch was generated from."""
         if not self.tokens:
-            raise ValueError("this control needs the prompt: run through EditPipeline or a pipeline call")
+            raise ValueError(NEEDS_PROMPT.format(name="this control"))
         return self.tokens[min(sample // max(self.num_images_per_prompt, 1), len(self.tokens) - 1)]
 
     def index_prompts(self, prompts: list[str]) -> None:

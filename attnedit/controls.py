@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 
 
 PHASES = ("denoise", "guidance", "inversion")
+#: why a control that reads the prompt's words cannot run (format with `name`)
+NEEDS_PROMPT = (
+    "{name} works on the prompt's words, and this run has none: pass prompt= to the pipeline call (prompt_embeds "
+    "carry no words), or, when calling the denoiser yourself, start the run with controller.begin_run(prompts)"
+)
 #: the hooks the processor calls inside an attention layer (a control with none of them needs no layer)
 ATTENTION_HOOKS = ("qkv", "regions", "downsample", "window", "capture", "observe", "attend", "output")
 

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .controls import CallContext, Control
+from .controls import NEEDS_PROMPT, CallContext, Control
 from .layers import LayerInfo, LayerRegistry
 from .layout import BatchLayout
 from .tokens import STOP_WORDS, TokenIndex
@@ -541,7 +541,7 @@ def encode_condition(run: Run, latents: torch.Tensor) -> dict[str, Any]:
     device = den.device
     prompts = run.prompts
     if not prompts:
-        raise ValueError("guidance needs the prompts of the run (call through EditPipeline or a pipeline call)")
+        raise ValueError(NEEDS_PROMPT.format(name="latent guidance"))
     n_per = max(run.num_images_per_prompt, 1)
     encode = type(pipe).encode_prompt  # the class method: attnedit's wrapper must not see this call
     with torch.no_grad():

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .controls import CallContext, Control, register
+from .controls import NEEDS_PROMPT, CallContext, Control, register
 from .selectors import Select, Steps
 
 
@@ -57,6 +57,8 @@ class AttentionStore(Control):
         return Select() if self.self_attention else Select(kind=("cross", "joint"))
 
     def setup(self, run) -> None:
+        if not run.tokens:
+            raise ValueError(NEEDS_PROMPT.format(name="AttentionStore"))
         if self.words is not None:
             for t in run.tokens:
                 for w in self.words:

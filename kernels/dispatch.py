@@ -167,19 +167,13 @@ def downsample_kv(x: torch.Tensor, spec: KVDownsample) -> torch.Tensor:
     fh, fw = spec.factor
     if fh == 1 and fw == 1:
         return x
+    if spec.mode in ("nearest", "nearest-exact"):
+        return x.index_select(1, kv_index(x.shape[1], spec, x.device))
     b, _, nh, d = x.shape
     start, end = spec.start, spec.start + h * w
     img = x[:, start:end].reshape(b, h, w, nh * d).permute(0, 3, 1, 2)  # (B, C, h, w)
     oh, ow = spec.out_grid
-    if spec.mode == "nearest":
-        ys = torch.arange(oh, device=x.device) * fh
-        xs = torch.arange(ow, device=x.device) * fw
-        small = img[:, :, ys][:, :, :, xs]
-    elif spec.mode == "nearest-exact":
-        ys = grid_centres(h, fh, x.device)
-        xs = grid_centres(w, fw, x.device)
-        small = img[:, :, ys][:, :, :, xs]
-    elif spec.mode == "avg":
+    if spec.mode == "avg":
         small = F.avg_pool2d(
             img.float(), (fh, fw), stride=(fh, fw), ceil_mode=True, count_include_pad=False
         ).to(img.dtype)
@@ -194,18 +188,45 @@ def downsample_kv(x: torch.Tensor, spec: KVDownsample) -> torch.Tensor:
     return torch.cat([x[:, :start], small, x[:, end:]], dim=1)
 
 
-def grid_centres(size: int, factor: int, device: torch.device | None = None) -> torch.Tensor:
-    """Source index of each output cell for 'nearest-exact' on a ceil-divided grid.
+_KV_INDEX: dict[tuple, torch.Tensor] = {}
 
-    Cell i covers [i*f, min((i+1)*f, size)) with f = `factor`; its centre token is the middle of
-    that range, so partial border cells pick a token that exists (torch's interpolate would pick
-    floor((i+.5)*size/out), which drifts from the cells "nearest" and "avg" use on odd sizes).
+
+def kv_index(n_k: int, spec: KVDownsample, device: torch.device) -> torch.Tensor:
+    """Key positions kept by a nearest / nearest-exact `spec` over a sequence of `n_k` keys.
+
+    One LongTensor per (sequence length, grid, factor, mode, image start, device), built once and
+    reused: the tokens before the image, the picked token of every output cell, the tokens after.
     """
-    f = factor
-    out = -(-size // f)
-    starts = torch.arange(out, device=device) * f
-    ends = torch.clamp(starts + f, max=size)
-    return (starts + ends - 1) // 2
+    key = (n_k, spec.grid, spec.factor, spec.mode, spec.start, str(device))
+    idx = _KV_INDEX.get(key)
+    if idx is None:
+        h, w = spec.grid
+        pick = grid_centres if spec.mode == "nearest-exact" else grid_corners
+        ys, xs = pick(h, spec.factor[0]), pick(w, spec.factor[1])
+        cells = (ys[:, None] * w + xs[None, :]).flatten() + spec.start
+        end = spec.start + h * w
+        idx = torch.cat([torch.arange(spec.start), cells, torch.arange(end, n_k)]).to(device)
+        if len(_KV_INDEX) > 256:
+            _KV_INDEX.clear()
+        _KV_INDEX[key] = idx
+    return idx
+
+
+def grid_corners(size: int, factor: int, device: torch.device | None = None) -> torch.Tensor:
+    """Source index of each output cell for "nearest": the first token of the cell (torch's rule)."""
+    return torch.arange(-(-size // factor), device=device) * factor
+
+
+def grid_centres(size: int, factor: int, device: torch.device | None = None) -> torch.Tensor:
+    """Source index of each output cell for "nearest-exact" on a ceil-divided grid.
+
+    Cell i covers [i*f, min((i+1)*f, size)); it reads token i*f + f//2, which is what torch's
+    `interpolate(mode="nearest-exact")` reads (floor((i + 0.5) * f)) wherever f divides the size
+    (the official ToDo's case: at f = 2 the lower-right token of each 2x2 cell). A partial border
+    cell, which torch's floor-sized output drops, reads its last token when f//2 falls outside it.
+    """
+    starts = torch.arange(-(-size // factor), device=device) * factor
+    return torch.clamp(starts + factor // 2, max=size - 1)
 
 
 def window_mask(window: LocalWindow, n_q: int, n_k: int, device: torch.device) -> torch.Tensor:

@@ -3,8 +3,8 @@
 The unfused path writes a downsampled copy of K and V (`dispatch.downsample_kv`) and then runs
 SDPA. Here the kernel iterates over the *downsampled* key sequence
 `[before (start) | out_grid cells | after]` and maps each cell to its full-resolution tokens:
-"nearest" reads the cell's top-left token, "nearest-exact" its centre (the rule of
-`dispatch.grid_centres`), "avg" sums the cell's valid tokens in fp32 and divides by their count
+"nearest" reads the cell's top-left token, "nearest-exact" token f//2 of each axis (torch's
+`interpolate` rule, `dispatch.grid_centres`), "avg" sums the cell's valid tokens in fp32 and divides by their count
 (partial border cells included), rounding to the input dtype as the reference does. Tokens outside
 the image range are read as they are. No downsampled tensor is ever allocated.
 """
@@ -93,9 +93,9 @@ def _todo_kernel(
             if MODE == 0:
                 sy = cy * FY
                 sx = cx * FX
-            else:  # centre of the cell [c*f, min((c+1)*f, size)), f = the factor (cell_y, cell_x)
-                sy = (2 * cy * cell_y + tl.minimum(cell_y, grid_h - cy * cell_y) - 1) // 2
-                sx = (2 * cx * cell_x + tl.minimum(cell_x, grid_w - cx * cell_x) - 1) // 2
+            else:  # token c*f + f//2 of the cell, its last token in a partial border cell (`grid_centres`)
+                sy = tl.minimum(cy * cell_y + cell_y // 2, grid_h - 1)
+                sx = tl.minimum(cx * cell_x + cell_x // 2, grid_w - 1)
             src = tl.where(in_img, start + sy * grid_w + sx, plain)
             k_t = load_cols(k_base, src, dims, sks, col_ok, d_ok)
             v = load_rows(v_base, src, dims, svs, col_ok, d_ok)

@@ -53,9 +53,10 @@ class KVDownsample:
 
     Image tokens occupy `[start, start + grid[0] * grid[1])` of the key sequence, row-major; the
     tokens before and after (text) are kept. The output grid is ceil(h / fh) x ceil(w / fw).
-    `mode`: "nearest" (top-left of each cell), "nearest-exact" (centre of each cell, as
-    torch's interpolate), "avg" (mean of the cell, partial cells at the border averaged over
-    their valid tokens).
+    `mode`: "nearest" (first token of each cell), "nearest-exact" (token f//2 of each cell
+    along each axis: torch's `interpolate(mode="nearest-exact")` wherever f divides the grid; a
+    partial border cell reads its last token if f//2 falls outside it), "avg" (mean of the cell,
+    partial cells at the border averaged over their valid tokens), "bilinear".
     """
 
     grid: tuple[int, int]

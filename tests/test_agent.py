@@ -103,6 +103,34 @@ def test_agent_formula_on_hand_built_tokens():
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+def test_tokens_and_agents_come_from_one_partition():
+    """As in the official AgentSD (one `bipartite_soft_matching_random2d` call, two slices of one ranking):
+    the agents merge every source the tokens merge, into the same destinations, with a random partition."""
+    grid, n, d = (8, 8), 64, 4
+    hidden = torch.randn(2, n, 12)
+    gen = torch.Generator().manual_seed(3)
+    feat, agents = bipartite_soft_matching(hidden, grid, 2, 2, [int(n * 0.4), int(n * 0.72)], generator=gen)
+    assert torch.equal(feat.dst, agents.dst) and torch.equal(feat.src, agents.src)
+    assert not torch.equal(feat.dst, grid_partition(grid, 2, 2)[0])  # the random partition, not the corners
+    for b in range(2):
+        assert set(feat.merged[b].tolist()) <= set(agents.merged[b].tolist())
+        assert torch.equal(agents.target[b, : feat.r], feat.target[b])
+    # the control uses exactly that: out = unmerge(softmax(Qf A^T) softmax(A Kf^T) Vf + s Vf)
+    ctl = AgentAttention(ratio=0.4, agent_ratio=0.72, sx=2, sy=2, seed=5)
+    q, k, v = (torch.randn(2, n, 2, d) for _ in range(3))
+    ctx = _ctx(grid, hidden)
+    ctl.state.paths = {}
+    out = ctl.attend(ctx, q, k, v, None)
+    assert ctl.state.paths[0][ctx.layer.name] == {"path": "agent", "agents": 18, "tokens": 39}
+    feat, agents = bipartite_soft_matching(hidden, grid, 2, 2, [int(n * 0.4), int(n * 0.72)],
+                                           generator=ctl._generator(ctx))
+    a, qf, kf, vf = (t.transpose(1, 2) for t in (agents.merge(q), feat.merge(q), feat.merge(k), feat.merge(v)))
+    p1 = torch.softmax(a @ kf.transpose(-1, -2) * d**-0.5, -1)
+    p2 = torch.softmax(qf @ a.transpose(-1, -2) * d ** (-0.5 * 0.3), -1)
+    expected = feat.unmerge((p2 @ (p1 @ vf) + 0.075 * vf).transpose(1, 2))
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def test_falls_back_to_tome_when_agents_are_not_fewer():
     grid = (4, 4)
     q, k, v = (torch.randn(1, 16, 2, 4) for _ in range(3))

@@ -345,7 +345,7 @@ def test_sigkill_at_random_points_then_rerun(tmp_path, pipe, jobs_file, referenc
 
 def test_together_groups_and_cross_sample_controls(tmp_path, pipe):
     """A `together` job is one call per seed with source/target roles (as `masactrl.consistent`);
-    a control that relates the images of a call is never batched with other jobs."""
+    MasaCtrl on images generated one per call would copy from nothing: refused at planning."""
     if "masactrl" not in CONTROLS:
         pytest.skip("MasaCtrl is not registered in this build")
     from attnedit.methods.masactrl import consistent
@@ -358,16 +358,18 @@ def test_together_groups_and_cross_sample_controls(tmp_path, pipe):
         '{"prompt": "a cow", "together": true}\n'
     )
     result = batch.plan(path, pipe, model="tiny-sd")
-    assert [(p.line, p.message) for p in result.problems] == [
-        (3, "together needs at least two prompts (the first is the source of the others)")]
+    problems = [(p.line, p.message) for p in result.problems]
+    assert problems[1] == (3, "together needs at least two prompts (the first is the source of the others)")
+    assert problems[0][0] == 2 and "MasaCtrl has nothing to copy from" in problems[0][1]
+    assert "together: true" in problems[0][1]
     batches = batch.make_batches(result.units, batch_size=8)
-    assert [[(u.prompt, u.seed, u.role) for u in b] for b in batches[:2]] == [
+    assert [[(u.prompt, u.seed, u.role) for u in b] for b in batches] == [
         [("a cat", 3, "source"), ("a cat jumping", 3, "target"), ("a cat sitting", 3, "target")],
         [("a cat", 4, "source"), ("a cat jumping", 4, "target"), ("a cat sitting", 4, "target")]]
-    assert [len(b) for b in batches[2:]] == [1, 1, 1, 1]  # masactrl without groups: one image per call
+    path.write_text(path.read_text().splitlines()[0] + "\n")
     out = tmp_path / "out"
     summary = batch.run_batch(path, out, model="tiny-sd", pipe=pipe, batch_size=8, progress=False)
-    assert summary.done == 10 and summary.failed == []
+    assert summary.done == 6 and summary.failed == []
     expected = consistent(pipe, "a cat", ["a cat jumping", "a cat sitting"], seed=4, steps=2).images
     for u, image in zip(batches[1], expected):
         assert np.array_equal(np.asarray(Image.open(out / f"{u.stem}.png")), np.asarray(image))

@@ -54,10 +54,11 @@ def test_downsample_nearest_exact_on_odd_grid():
     assert spec.out_grid == (3, 4)
     out = downsample_kv(x, spec).view(3, 4)
     ys, xs = grid_centres(5, 2), grid_centres(7, 2)
-    assert ys.tolist() == [0, 2, 4] and xs.tolist() == [0, 2, 4, 6]
-    # cells follow the factor: 9 tokens, factor 4 -> cells [0,4) [4,8) [8,9) -> centres 1, 5, 8
-    assert grid_centres(9, 4).tolist() == [1, 5, 8]
-    assert out[1, 2].item() == 2 * 7 + 4
+    # token f//2 of each cell (torch's nearest-exact), the last token of a 1-token border cell
+    assert ys.tolist() == [1, 3, 4] and xs.tolist() == [1, 3, 5, 6]
+    # cells follow the factor: 9 tokens, factor 4 -> cells [0,4) [4,8) [8,9) -> tokens 2, 6, 8
+    assert grid_centres(9, 4).tolist() == [2, 6, 8]
+    assert out[1, 2].item() == 3 * 7 + 5
     avg = downsample_kv(x, KVDownsample(grid=grid, factor=(2, 2), mode="avg")).view(3, 4)
     assert avg[0, 0].item() == pytest.approx((0 + 1 + 7 + 8) / 4)
     assert avg[2, 3].item() == pytest.approx(34.0)  # partial border cell: mean of valid tokens only

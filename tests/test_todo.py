@@ -76,8 +76,8 @@ def test_downsampled_attention_matches_hand_computation(grid, mode):
     for cy, cx in zip(rows, cols):
         if mode == "nearest":
             idx = [cy[0] * w + cx[0]]
-        elif mode == "nearest-exact":  # the centre token of the (possibly partial) cell
-            idx = [cy[(len(cy) - 1) // 2] * w + cx[(len(cx) - 1) // 2]]
+        elif mode == "nearest-exact":  # token f//2 = 1 of the cell; a 1-token border cell reads its only token
+            idx = [cy[min(1, len(cy) - 1)] * w + cx[min(1, len(cx) - 1)]]
         else:
             idx = [y * w + x for y in cy for x in cx]
         picked_k.append(k[:, idx].mean(1))
@@ -87,6 +87,22 @@ def test_downsampled_attention_matches_hand_computation(grid, mode):
     got = kernels.attention(q, k, v, downsample=spec)
     assert got.shape == q.shape
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["nearest-exact", "nearest"])
+@pytest.mark.parametrize("grid, factor", [((8, 8), 2), ((12, 6), 3), ((16, 8), 4), ((6, 9), 3)])
+def test_resampling_equals_the_official_interpolate(mode, grid, factor):
+    """The official ToDo resamples with F.interpolate(size=(h // f, w // f), mode=...); where f divides the
+    grid attnedit picks exactly the same tokens (at f = 2 nearest-exact is the lower-right token of each cell)."""
+    from attnedit.kernels.dispatch import downsample_kv
+    from attnedit.kernels.types import KVDownsample
+
+    h, w = grid
+    x = torch.randn(2, h * w, 3, 4)
+    ours = downsample_kv(x, KVDownsample(grid, (factor, factor), mode))
+    img = x.reshape(2, h, w, 12).permute(0, 3, 1, 2)
+    official = F.interpolate(img, size=(h // factor, w // factor), mode=mode).permute(0, 2, 3, 1).reshape(2, -1, 3, 4)
+    assert torch.equal(ours, official)
 
 
 def test_dit_keeps_text_tokens():

@@ -9,8 +9,9 @@ ToMe-merged tokens and is unmerged afterwards. Differences from the official cod
 swapping block classes, so other processors and flash attention keep working and diffusers
 pipelines are supported; the matching metric is the post-norm hidden state the processor sees
 (the official code uses the same, taken before the block's norm); the merging is attnedit's own
-(`methods/merge.py`) with one partition per call and layer for the whole batch, seeded from
-(seed, step, layer name) so it never depends on call order; "top level" means the
+(`methods/merge.py`): as in the official code, the tokens and the agents come from one partition and
+one ranking of the sources (two merge sizes), drawn once per call and layer for the whole batch and
+seeded from (seed, step, layer name) so it never depends on call order; "top level" means the
 highest-resolution level with attention (works on SDXL); after the schedule's window the layer
 runs plain attention (the official late steps run pure ToMe, which `agent_ratio` <= 0.5 with a
 second control reproduces); DiTs are supported on image tokens, text tokens staying ordinary
@@ -133,10 +134,10 @@ class AgentAttention(Control):
             )
 
     # ------------------------------------------------------------------------------- attention
-    def _generator(self, ctx: CallContext, which: int) -> torch.Generator | None:
+    def _generator(self, ctx: CallContext) -> torch.Generator | None:
         if not self.random:
             return None
-        key = f"{self.seed}|{ctx.phase}|{ctx.step}|{ctx.layer.name}|{which}".encode()
+        key = f"{self.seed}|{ctx.phase}|{ctx.step}|{ctx.layer.name}".encode()
         return torch.Generator(device="cpu").manual_seed(zlib.crc32(key))
 
     def attend(
@@ -158,11 +159,10 @@ class AgentAttention(Control):
         dtype = q.dtype
         if self.fp32:
             q, k, v = q.float(), k.float(), v.float()
-        feat = bipartite_soft_matching(
-            metric, grid, self.sy, self.sx, int(n * self.ratio), generator=self._generator(ctx, 0)
-        )
         r_agent = n - self.num_agents if self.num_agents is not None else int(n * self.agent_ratio)
-        agents_m = bipartite_soft_matching(metric, grid, self.sy, self.sx, r_agent, generator=self._generator(ctx, 1))
+        feat, agents_m = bipartite_soft_matching(
+            metric, grid, self.sy, self.sx, [int(n * self.ratio), r_agent], generator=self._generator(ctx)
+        )
         other = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
         other[img] = False
         n_other = int(other.sum())

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..controls import CallContext, Control, register
+from ..controls import NEEDS_PROMPT, CallContext, Control, register
 from ..kernels import attention
 from ..kernels.types import RegionMask
 from ..layout import BatchLayout
@@ -182,7 +182,7 @@ class IsolationAttention(Control):
             self._subjects.check_size((run.height, run.width), "IsolationAttention mask")
             return
         if not run.tokens:
-            raise ValueError("IsolationAttention(words=...) needs the prompts: run it through EditPipeline.generate")
+            raise ValueError(NEEDS_PROMPT.format(name="IsolationAttention(words=...)"))
         layout = run.layout
         n = layout.n_samples if layout is not None else len(run.tokens) * max(run.num_images_per_prompt, 1)
         samples = sorted({layout.rows[r].sample for r in _target_rows(layout)}) if layout is not None else range(n)

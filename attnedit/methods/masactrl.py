@@ -19,6 +19,12 @@ Where attnedit differs from the official code (TencentARC/MasaCtrl, d0ba16b):
 - The mask-guided variant is one attention pass with region labels (foreground queries may read
   only source-foreground keys, background only background), not two dense passes; an empty or
   full source mask falls back to the unmasked pass for that side instead of producing NaN.
+- User masks reach a layer's token grid by sampling each cell at its centre (`masks.mask_cells`,
+  the rule boxes and IR-Diffusion use too), where the official `F.interpolate(mask, (H, W))`
+  (mode "nearest") reads each cell's top-left pixel, which shifts every mask up and left by half
+  a cell; a mask smaller than a cell keeps the cell of its largest value instead of vanishing.
+- With nothing to copy from (one image per call, or only sources), MasaCtrl refuses to run
+  instead of returning the plain image.
 - Automatic masks use the cross-attention of the latent/4 level (or the coarsest level the model
   has below it) at any size and aspect ratio; the official code keys on 256 query tokens and
   silently does nothing on SDXL or other sizes.
@@ -38,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ..controls import CallContext, Control, register
+from ..controls import NEEDS_PROMPT, CallContext, Control, register
 from ..kernels.types import RegionMask
 from ..layout import BatchLayout
 from ..masks import check_masks, map_layers, mask_cells, resize_mask
@@ -46,6 +52,11 @@ from ..selectors import Select, Steps
 
 #: official default start step (4 of 50) as a fraction of the schedule
 DEFAULT_START = 0.08
+NOTHING_TO_COPY = (
+    "MasaCtrl has nothing to copy from: every image of this call is its own source (one image, or sources "
+    "only), so it would return the plain image; generate a source and its targets in one call "
+    "(attnedit.consistent(pipe, source, targets), several prompts, or `together: true` in a job file)"
+)
 #: SDXL: the spec's documented start layer 44 (of 70), written by module name
 SDXL_DEFAULT_NAMES = ("up_blocks.0.attentions.1.*", "up_blocks.0.attentions.2.*", "up_blocks.1.*")
 
@@ -164,6 +175,8 @@ class MasaCtrl(Control):
         if layout is not None:
             n = layout.n_samples
             roles = {r.role for r in layout.rows}
+            if roles <= {"source"} or (not roles - {"plain"} and n < 2):
+                raise ValueError(NOTHING_TO_COPY)
             if "source" in roles:
                 for r in layout.rows:
                     if r.role == "target" and not layout.indices(cfg=r.cfg, role="source", group=r.group):
@@ -175,6 +188,8 @@ class MasaCtrl(Control):
                     for half in {r.cfg for r in layout.rows}:
                         if len(layout.indices(cfg=half, role="source", group=g)) > 1:
                             raise ValueError(f"group {g} has several sources; MasaCtrl needs one source per group")
+        elif n is not None and n < 2:
+            raise ValueError(NOTHING_TO_COPY)
         self._masks = None
         if self.masks is not None:
             if n is not None and len(self.masks) != n:
@@ -184,7 +199,7 @@ class MasaCtrl(Control):
         self._capture = None
         if self.mask_words is not None:
             if not run.tokens:
-                raise ValueError("mask_words needs the prompts: run MasaCtrl through EditPipeline.generate")
+                raise ValueError(NEEDS_PROMPT.format(name="MasaCtrl(mask_words=...)"))
             count = n or len(run.tokens)
             words = [self.mask_words] * count if isinstance(self.mask_words, str) else list(self.mask_words)
             if len(words) != count:
@@ -230,7 +245,7 @@ class MasaCtrl(Control):
             return q, k, v
         src = self.sources(ctx.layout)
         if src == list(range(len(src))):
-            return q, k, v
+            raise RuntimeError(NOTHING_TO_COPY)
         index = torch.tensor(src, dtype=torch.long, device=k.device)
         img = ctx.image
         if self.union:  # [K_src; K_own] for every row; sources are held to their own half by regions()

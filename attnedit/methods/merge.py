@@ -8,12 +8,14 @@ attnedit writes the same algorithm from scratch (no tomesd dependency) with thre
 grids come from the layer registry, so odd and non-square grids work (destinations are placed per
 *full* cell, tokens of partial border cells stay sources); one random partition is drawn per call
 for the whole batch from the caller's generator (cond and uncond rows always share it, whatever the
-batch size); and callers validate their token counts beforehand (Agent Attention refuses more agents
+batch size), and several merge sizes can be planned from that one partition and ranking; and
+callers validate their token counts beforehand (Agent Attention refuses more agents
 than tokens instead of clipping silently).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,23 +122,26 @@ def bipartite_soft_matching(
     grid: tuple[int, int],
     sy: int,
     sx: int,
-    r: int,
+    r: int | Sequence[int],
     *,
     generator: torch.Generator | None = None,
-) -> Merge:
+) -> Merge | list[Merge]:
     """Match `metric` (B, N, C) tokens on `grid` and plan merging r of them.
 
     `r` is capped at the number of sources (tomesd's behaviour); callers that need an exact count
-    validate it beforehand (Agent Attention does). Cosine similarity in float32.
+    validate it beforehand (Agent Attention does). Cosine similarity in float32. A sequence of r
+    gives one plan per value from *one* partition and one ranking of the sources (AgentSD merges
+    its tokens and its agents that way: the agents' merged sources are a superset of the tokens').
     """
     b, n, _ = metric.shape
     h, w = grid
     if h * w != n:
         raise ValueError(f"{n} tokens do not fill a {h}x{w} grid")
-    if r < 0:
+    many = not isinstance(r, int)
+    rs = list(r) if many else [r]
+    if any(x < 0 for x in rs):
         raise ValueError(f"the number of tokens to merge must be >= 0, got {r}")
     dst, src = grid_partition(grid, sy, sx, generator=generator, device=metric.device)
-    r = min(r, src.numel()) if dst.numel() else 0
     m = metric.float()
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     scores = m[:, src] @ m[:, dst].transpose(1, 2)  # (B, Ns, Nd)
@@ -146,6 +151,9 @@ def bipartite_soft_matching(
         best = scores.new_zeros(b, src.numel())
         best_idx = torch.zeros(b, src.numel(), dtype=torch.long, device=metric.device)
     order = best.argsort(dim=-1, descending=True, stable=True)
-    merged, unm = order[:, :r], order[:, r:]
-    target = best_idx.gather(1, merged)
-    return Merge(n=n, dst=dst, src=src, unm=unm, merged=merged, target=target)
+    plans = []
+    for x in rs:
+        x = min(x, src.numel()) if dst.numel() else 0
+        merged, unm = order[:, :x], order[:, x:]
+        plans.append(Merge(n=n, dst=dst, src=src, unm=unm, merged=merged, target=best_idx.gather(1, merged)))
+    return plans if many else plans[0]
