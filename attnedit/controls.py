@@ -70,6 +70,30 @@ class CallContext:
         return self.grid[0] * self.grid[1]
 
 
+@dataclass(frozen=True)
+class Example:
+    """A small run that shows a control act, on the bundled and tiny models alike.
+
+    The conformance matrix (`attnedit.conformance`) runs it on every family the control claims and
+    through every entry path; the README's support table is generated from the same examples.
+    - `options`: constructor options, JSON-able (a batch job carries them as they are);
+    - `prompts`: the images of one example; with `together`, one call whose first image is the
+      source of the others (MasaCtrl), else one call with every prompt;
+    - `references`: an IR-Diffusion example instead (`{prompts, subjects, boxes}`, the scene is the
+      last prompt), run through `ir_diffusion` and a batch `references` job;
+    - `effect`: "image" (the images differ from plain generation) or "records" (the images are
+      plain generation's, bit for bit, and the control's records are not empty);
+    - `stock`: None when `attnedit.apply` on a stock pipeline runs it, else why it is refused there.
+    """
+
+    options: dict[str, Any] = field(default_factory=dict)
+    prompts: tuple[str, ...] = ("a red circle and a blue square",)
+    together: bool = False
+    references: dict[str, Any] | None = None
+    effect: str = "image"
+    stock: str | None = None
+
+
 class Control:
     """Base class of every attention-control method (override only the hooks you need)."""
 
@@ -77,6 +101,15 @@ class Control:
     name: str = "control"
     #: passes this control joins by default
     phases: tuple[str, ...] = ("denoise",)
+    #: model families it acts on (None: every family); `bind` refuses the others with `unsupported`
+    families: tuple[str, ...] | None = None
+    #: why the other families are refused (one clause, shown in errors and the README's support table)
+    unsupported: str = ""
+
+    @classmethod
+    def example(cls) -> Example | None:
+        """A small run that shows this control act (None: not part of the conformance matrix)."""
+        return None
 
     def __init__(self, *, layers: Select | None = None, steps: Steps | range | tuple | None = None) -> None:
         self.layers = layers if layers is not None else self.default_layers()
@@ -111,6 +144,13 @@ class Control:
         control do nothing: both are refused here, before any denoising (an explicitly empty window,
         `Steps(0, 0)`, only warns: running plain is then what the user asked for).
         """
+        if self.families is not None and run.family.name not in self.families:
+            from .families import FAMILIES
+
+            raise ValueError(
+                f"{type(self).__name__} does not run on {run.family.label}: {self.unsupported}; it runs on "
+                f"{', '.join(FAMILIES[f].label for f in self.families)}"
+            )
         picked = self.pick_layers(run)
         if not picked and any(self.overrides(h) for h in ATTENTION_HOOKS):
             raise ValueError(
@@ -276,6 +316,7 @@ __all__ = [
     "PHASES",
     "CallContext",
     "Control",
+    "Example",
     "KVDownsample",
     "LocalWindow",
     "RegionMask",

@@ -197,6 +197,8 @@ class GuidanceControl(Control):
     """
 
     phases = ("denoise", "guidance")
+    families = GUIDED_FAMILIES
+    unsupported = "its pipelines have no step callback, so the latents cannot be updated between steps"
 
     def __init__(self, *, max_grad_norm: float | None = None, early_exit: bool = True, layers=None, steps=None) -> None:
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -251,16 +253,6 @@ class GuidanceControl(Control):
 
     def setup(self, run: Run) -> None:
         fam = run.family
-        if not fam.supports_step_callback:
-            raise ValueError(
-                f"{type(self).__name__} updates the latents between steps, but {fam.label} pipelines have no "
-                f"step callback; guidance runs on: {', '.join(GUIDED_FAMILIES)}"
-            )
-        if fam.name not in GUIDED_FAMILIES:
-            raise ValueError(
-                f"{type(self).__name__} is not available for {fam.label} (its text maps are not wired into the "
-                f"guidance engine); supported families: {', '.join(GUIDED_FAMILIES)}"
-            )
         layers = self.guidance_layers(run)
         if not layers:
             raise ValueError(

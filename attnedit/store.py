@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .controls import NEEDS_PROMPT, CallContext, Control, register
+from .controls import NEEDS_PROMPT, CallContext, Control, Example, register
 from .selectors import Select, Steps
 
 
@@ -34,6 +34,10 @@ class AttentionStore(Control):
 
     name = "store"
     phases = ("denoise",)
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(options={"words": ["circle", "square"]}, effect="records")
 
     def __init__(
         self,

@@ -182,6 +182,18 @@ def launch_config(block_d: int, dtype: torch.dtype) -> dict[str, int]:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
+def tiles(block_d: int, dtype: torch.dtype) -> dict[str, int]:
+    """The launch configuration a wrapper uses: `launch_config` on a GPU, wide tiles in the interpreter.
+
+    Triton's interpreter runs each program in NumPy and pays per loop iteration and per nested
+    `@triton.jit` call, so whole pipelines under TRITON_INTERPRET=1 (CI) run several times faster
+    with 128-wide tiles; the results are the same up to the order of the online-softmax sums.
+    """
+    if triton.knobs.runtime.interpret:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_C=128, num_warps=4, num_stages=1)
+    return launch_config(block_d, dtype)
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Shape/dtype checks shared by the kernels' Python wrappers."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -228,7 +240,7 @@ def flash_attention(
     elif out.shape != q.shape or out.stride(-1) != 1:
         raise ValueError("out must have q's shape and a unit last stride")
     block_d = block_d_for(head_d)
-    cfg = launch_config(block_d, q.dtype)
+    cfg = tiles(block_d, q.dtype)
     bm = block_m or cfg["BLOCK_M"]
     bn = block_n or cfg["BLOCK_N"]
 
@@ -254,7 +266,7 @@ def flash_attention(
         cap = capture.to(device=q.device, dtype=torch.int32).reshape(-1).contiguous()
         n_cap = cap.numel()
         probs = torch.zeros(bsz, n_q, n_cap, dtype=torch.float32, device=q.device)
-    block_c = min(64, max(16, triton.next_power_of_2(max(n_cap, 1))))
+    block_c = min(cfg.get("BLOCK_C", 64), max(16, triton.next_power_of_2(max(n_cap, 1))))
 
     grid = (triton.cdiv(n_q, bm), bsz * n_heads)
     if n_q == 0:

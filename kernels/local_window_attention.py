@@ -25,11 +25,11 @@ from .flash_attention import (
     flash_attention,
     input_precision,
     last_dim_contiguous,
-    launch_config,
     load_cols,
     load_rows,
     mma,
     online_softmax_step,
+    tiles,
     upcast_dots,
 )
 from .types import LocalWindow
@@ -150,7 +150,7 @@ def local_window_attention(
     if n_img == 0:
         return out
     block_d = block_d_for(head_d)
-    cfg = launch_config(block_d, q.dtype)
+    cfg = tiles(block_d, q.dtype)
     (tqy, tqx) = query_tile or ((8, 16) if cfg["BLOCK_M"] == 128 else (8, 8))
     (tky, tkx) = key_tile or ((8, 8) if cfg["BLOCK_N"] == 64 else (4, 8))
     grid = (triton.cdiv(gh, tqy) * triton.cdiv(gw, tqx), bsz * n_heads)

@@ -25,11 +25,11 @@ from .flash_attention import (
     check_qkv,
     input_precision,
     last_dim_contiguous,
-    launch_config,
     load_cols,
     load_rows,
     mma,
     online_softmax_step,
+    tiles,
     upcast_dots,
 )
 from .types import KVDownsample
@@ -136,7 +136,7 @@ def todo_attention(
     if n_q == 0:
         return out
     block_d = block_d_for(head_d)
-    cfg = launch_config(block_d, q.dtype)
+    cfg = tiles(block_d, q.dtype)
     bm = block_m or cfg["BLOCK_M"]
     bn = block_n or cfg["BLOCK_N"]
     # "avg" unrolls fy*fx K/V loads per tile; pipelining them would multiply shared memory.

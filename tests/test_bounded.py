@@ -222,7 +222,7 @@ def test_bad_words_and_models_fail_before_denoising(sd):
     finally:
         handle.remove()
     assert calls == []
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match="BoundedAttention does not run on Stable Diffusion 3: .*UNet"):
         attnedit.load("tiny-sd3")(PROMPT, seed=0, steps=1, controls=[attnedit.BoundedAttention(
             boxes=BOXES, words=["cat", "dog"])])
 

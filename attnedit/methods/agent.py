@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import kernels
-from ..controls import CallContext, Control, register
+from ..controls import CallContext, Control, Example, register
 from ..selectors import Select, Steps
 from .merge import bipartite_soft_matching
 
@@ -67,6 +67,10 @@ class AgentAttention(Control):
     """
 
     name = "agent"
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example()
 
     def __init__(
         self,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..controls import register
+from ..controls import Example, register
 from ..guidance import LayerMaps, StepPlan, TextMapGuidance
 from ..losses import ae_step_size, minmax, retention_loss, segregation_loss
 from ..selectors import Steps
@@ -43,6 +43,10 @@ class AStar(TextMapGuidance):
     """
 
     name = "astar"
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(options={"words": ["circle", "square"]})
 
     def __init__(
         self,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..controls import register
+from ..controls import Example, register
 from ..guidance import LayerMaps, StepPlan, TextMapGuidance
 from ..losses import ae_step_size, attend_excite_loss
 from ..selectors import Steps
@@ -44,6 +44,10 @@ class AttendExcite(TextMapGuidance):
     """
 
     name = "attend_excite"
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(options={"words": ["circle", "square"]})
 
     def __init__(
         self,

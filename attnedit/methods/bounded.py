@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..controls import CallContext, register
+from ..controls import CallContext, Example, register
 from ..guidance import GuidanceControl, LayerMaps, StepPlan, map_level, native_latent_side, resolve_subjects
 from ..kernels.types import RegionMask
 from ..layers import LayerInfo
@@ -167,6 +167,13 @@ class BoundedAttention(GuidanceControl):
     """
 
     name = "bounded"
+    families = ("sd", "sdxl")
+    unsupported = "it bounds UNet cross- and self-attention per level, which DiTs do not have"
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(options={"boxes": [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]], "words": ["circle", "square"],
+                                "kmeans_inits": 2})
 
     def __init__(
         self,
@@ -249,13 +256,6 @@ class BoundedAttention(GuidanceControl):
         self.state.centers = None
         self.state.refine_steps = []
 
-    def setup(self, run) -> None:
-        if run.family.name not in ("sd", "sdxl"):
-            raise ValueError(
-                f"BoundedAttention needs UNet cross- and self-attention layers; {run.family.label} is not supported "
-                "(supported: sd, sdxl)"
-            )
-        super().setup(run)
 
     def guidance_layers(self, run) -> list[LayerInfo]:
         reg = run.registry.ordered()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..controls import PHASES, CallContext, Control, register
+from ..controls import PHASES, CallContext, Control, Example, register
 from ..kernels.types import LocalWindow
 from ..selectors import Select
 
@@ -284,6 +284,12 @@ class CLEAR(Control):
 
     name = "clear"
     phases = PHASES
+    families = ("sd3", "flux", "pixart")
+    unsupported = "it needs one image-token grid per layer (a DiT); on UNets ToDo or AgentAttention speed attention up"
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(options={"radius": 2})
 
     def __init__(
         self,
@@ -328,11 +334,6 @@ class CLEAR(Control):
         return Select(kind=("self", "joint"))
 
     def setup(self, run: Run) -> None:
-        if run.family.arch != "dit":
-            raise ValueError(
-                f"CLEAR works on DiTs (FLUX, SD3, PixArt): it needs one image-token grid per layer; "
-                f"this model is a {run.family.label} UNet. Use ToDo or AgentAttention on UNets"
-            )
         if not self.selected_layers:
             raise ValueError("CLEAR selected no self- or joint-attention layer on this model")
         ctrl = getattr(run.pipe, "_attnedit_controller", None)

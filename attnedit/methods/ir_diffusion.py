@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..controls import NEEDS_PROMPT, CallContext, Control, register
+from ..controls import NEEDS_PROMPT, CallContext, Control, Example, register
 from ..kernels import attention
 from ..kernels.types import RegionMask
 from ..layout import BatchLayout
@@ -140,6 +140,10 @@ class IsolationAttention(Control):
 
     name = "isolation"
     phases = ("denoise",)
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(options={"boxes": [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]})
     #: each image is isolated on its own: batching never changes it
     cross_sample = False
 
@@ -296,6 +300,16 @@ class RepositionAttention(Control):
 
     name = "reposition"
     phases = ("denoise",)
+    families = ("sd", "sdxl", "pixart")
+    unsupported = ("it repositions spatial self-attention features, and its joint attention has none "
+                   "(IsolationAttention runs there)")
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(references={"prompts": ["a red circle", "a blue square"], "subjects": ["circle", "square"],
+                                    "boxes": [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]},
+                       stock="it needs reference and scene rows in one call: run it through ir_diffusion(...) or a "
+                             "batch job with references")
     #: the scene reads the references of its call
     cross_sample = True
 
@@ -337,9 +351,6 @@ class RepositionAttention(Control):
     def bind(self, run) -> None:
         layers, iso, cross = self._user
         reg = run.registry
-        if run.family.name in ("sd3", "flux"):
-            raise ValueError("RepositionAttention needs spatial self-attention layers (UNets, PixArt); "
-                             f"{run.family.label} has joint attention: use IsolationAttention there")
         mutual = layers or default_reposition_layers(run.family.name, reg)
         self._mutual = frozenset(i.name for i in mutual.pick(reg) if i.kind == "self")
         self._iso = frozenset(i.name for i in (iso or Select(kind="self")).pick(reg) if i.kind == "self") \

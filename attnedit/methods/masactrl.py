@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ..controls import NEEDS_PROMPT, CallContext, Control, register
+from ..controls import NEEDS_PROMPT, CallContext, Control, Example, register
 from ..kernels.types import RegionMask
 from ..layout import BatchLayout
 from ..masks import check_masks, map_layers, mask_cells, resize_mask
@@ -101,6 +101,10 @@ class MasaCtrl(Control):
     cross_sample = True
     #: options that may hold file paths (mask PNGs); batch job files resolve them against their folder
     file_options = ("masks",)
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(prompts=("a red circle", "a red circle on the left"), together=True)
 
     def __init__(
         self,

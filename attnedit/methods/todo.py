@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..controls import PHASES, CallContext, Control, register
+from ..controls import PHASES, CallContext, Control, Example, register
 from ..kernels.types import KVDownsample
 from ..selectors import Select
 
@@ -62,6 +62,10 @@ class ToDo(Control):
 
     name = "todo"
     phases = PHASES
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(options={"factor": 2})
 
     def __init__(
         self,
