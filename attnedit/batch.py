@@ -733,6 +733,13 @@ def _check_references(pipe: Any, scene: str, settings: dict[str, Any]) -> None:
     max_len = pipe.call_defaults().get("max_sequence_length")
     _check_words(pipe, refs["prompts"], [[w] for w in refs["subjects"]], max_len)
     _check_words(pipe, [scene], [refs["subjects"]], max_len)
+    from .controls import make_control
+
+    full = [[0.0, 0.0, 1.0, 1.0]] * len(refs["prompts"])
+    control = make_control("reposition", {**refs["options"], "target_boxes": refs.get("boxes") or full,
+                                          "reference_boxes": full})
+    n = len(refs["prompts"])
+    check_with_model(pipe, [*refs["prompts"], scene], settings, [control], roles=["source"] * n + ["target"])
 
 
 def _digest(value: Any) -> str:
@@ -747,9 +754,11 @@ def group_layout(pipe: Any, units: Sequence[Unit], guidance: float):
     return BatchLayout.standard(len(units), cfg, groups=[0] * len(units), roles=[u.role for u in units])
 
 
-def check_with_model(pipe: Any, prompts: list[str], settings: dict[str, Any], controls: list[Any]) -> None:
+def check_with_model(pipe: Any, prompts: list[str], settings: dict[str, Any], controls: list[Any],
+                     roles: list[str] | None = None) -> None:
     """Everything `EditPipeline.generate` checks before denoising, without denoising: the size,
-    and each control's `setup` against this model and these prompts (words, boxes, layers, roles)."""
+    and each control's `setup` against this model and these prompts (words, boxes, layers, roles).
+    Several prompts are one call whose first is the source of the others, unless `roles` says."""
     from .controller import Controller
     from .layout import BatchLayout
 
@@ -760,7 +769,7 @@ def check_with_model(pipe: Any, prompts: list[str], settings: dict[str, Any], co
     pipe.pipe.scheduler.set_timesteps(settings["steps"])
     layout = None
     if len(prompts) > 1:
-        roles = ["source"] + ["target"] * (len(prompts) - 1)
+        roles = roles or ["source"] + ["target"] * (len(prompts) - 1)
         layout = BatchLayout.standard(len(prompts), cfg, groups=[0] * len(prompts), roles=roles)
     ctrl = _CHECKERS.get(pipe)
     if ctrl is None:  # one controller per pipeline: its layer registry is built once, not per job

@@ -175,7 +175,10 @@ class Controller:
         self.remove()
 
     def _refuse_unsupported(self) -> None:
-        """Controls that update the latents need the pipeline's step callback: refuse them up front."""
+        """Refuse up front a control outside its families, or one that updates the latents where the
+        pipeline has no step callback (checked when the controller is made and at every run)."""
+        for c in self.controls:
+            c.check_family(self.family)
         stepping = [c for c in self.controls if c.overrides("on_step_end") or c.overrides("prepare_latents")]
         if stepping and not pipeline_has_step_callback(self.pipe):
             names = ", ".join(type(c).__name__ for c in stepping)
@@ -218,6 +221,7 @@ class Controller:
         self._active_cache = None
         self._run_open = True
         self._first_step_pending = any(c.overrides("prepare_latents") for c in self.controls)
+        self._refuse_unsupported()
         self._check_conflicts(num_steps)
         for c in self.controls:
             c.reset()
@@ -305,8 +309,14 @@ class Controller:
             f = int(getattr(self.pipe, "vae_scale_factor", 8))
             height = height or (side * f if side else None)
             width = width or (side * f if side else None)
+        cfg = None
+        if not hasattr(stock_class(self.pipe), "do_classifier_free_guidance") and self.family.name != "flux":
+            # PixArt decides CFG in a local variable of its __call__, by the same rule
+            scale = params.get("guidance_scale")
+            cfg = scale is not None and float(scale) > 1.0
         out = dict(
             prompts=prompts,
+            cfg=cfg,
             num_images_per_prompt=int(params.get("num_images_per_prompt") or 1),
             num_steps=int(steps) if steps is not None else None,
             height=height,

@@ -34,6 +34,7 @@ from .selectors import ALL, ALL_STEPS, Select, Steps, as_steps
 
 if TYPE_CHECKING:
     from .controller import Run
+    from .families import Family
 
 
 PHASES = ("denoise", "guidance", "inversion")
@@ -144,13 +145,6 @@ class Control:
         control do nothing: both are refused here, before any denoising (an explicitly empty window,
         `Steps(0, 0)`, only warns: running plain is then what the user asked for).
         """
-        if self.families is not None and run.family.name not in self.families:
-            from .families import FAMILIES
-
-            raise ValueError(
-                f"{type(self).__name__} does not run on {run.family.label}: {self.unsupported}; it runs on "
-                f"{', '.join(FAMILIES[f].label for f in self.families)}"
-            )
         picked = self.pick_layers(run)
         if not picked and any(self.overrides(h) for h in ATTENTION_HOOKS):
             raise ValueError(
@@ -160,6 +154,16 @@ class Control:
         self._selected = frozenset(i.name for i in picked)
         self.check_steps(run)
         self.setup(run)
+
+    def check_family(self, family: Family) -> None:
+        """Refuse a model family outside `families` (the controller calls this when it is created)."""
+        if self.families is not None and family.name not in self.families:
+            from .families import FAMILIES
+
+            raise ValueError(
+                f"{type(self).__name__} does not run on {family.label}: {self.unsupported}; it runs on "
+                f"{', '.join(FAMILIES[f].label for f in self.families)}"
+            )
 
     def pick_layers(self, run: Run) -> list[LayerInfo]:
         """The layers `self.layers` selects on the run's model."""

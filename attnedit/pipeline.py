@@ -375,8 +375,7 @@ class EditPipeline:
             if latents.device != self.device or latents.dtype != self.dtype:
                 raise ValueError(f"latents are {latents.dtype} on {latents.device}; the model is {self.dtype} on "
                                  f"{self.device}")
-        call, negative_prompt = self.with_true_cfg({**self.call_defaults(), **pipe_kwargs}, guidance,
-                                                   negative_prompt)
+        call, shown_negative = self.with_true_cfg({**self.call_defaults(), **pipe_kwargs}, guidance, negative_prompt)
         cfg = guidance > 1.0 and self.family.name != "flux"
         if layout is not None and layout.size != (2 * n if cfg else n):
             raise ValueError(f"layout has {layout.size} rows, the batch has {2 * n if cfg else n}")
@@ -385,7 +384,7 @@ class EditPipeline:
             "model": self.model_name,
             "family": self.family.name,
             "prompt": prompts if len(prompts) > 1 else prompts[0],
-            "negative_prompt": negative_prompt,
+            "negative_prompt": shown_negative,
             "seeds": seeds,
             "steps": steps,
             "guidance": guidance,
@@ -398,11 +397,46 @@ class EditPipeline:
         for key, value in call.items():
             if isinstance(value, (str, int, float, bool)):
                 params.setdefault(key, value)
+        kwargs = self.stock_arguments(prompts, seeds, steps=steps, guidance=guidance, height=height, width=width,
+                                      negative_prompt=negative_prompt, num_images=num_images, latents=latents,
+                                      **pipe_kwargs)
+        ctrl.install()
+        try:
+            # the same path as a stock call under attnedit.apply: the controlled __call__ starts the run
+            # from these arguments (plus the layout and CFG flag they do not carry)
+            with ctrl.call_options(layout=layout, cfg=cfg):
+                out = self.pipe(**kwargs)
+            records = ctrl.records()
+        finally:
+            ctrl.remove()
+        return Result(images=list(out.images), records=records, params=params)
+
+    def stock_arguments(
+        self,
+        prompts: list[str],
+        seeds: Sequence[int],
+        *,
+        steps: int,
+        guidance: float,
+        height: int,
+        width: int,
+        negative_prompt: str | list[str] | None = None,
+        num_images: int = 1,
+        latents: torch.Tensor | None = None,
+        **pipe_kwargs: Any,
+    ) -> dict[str, Any]:
+        """The arguments of the stock `self.pipe(...)` call that `generate` makes (checked values).
+
+        One seeded generator and one initial latent per image, the family's call defaults, true CFG
+        where `guidance` means it; `self.pipe(**stock_arguments(...))` under `attnedit.apply` gives
+        `generate`'s images.
+        """
+        call, negative_prompt = self.with_true_cfg({**self.call_defaults(), **pipe_kwargs}, guidance, negative_prompt)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         if latents is None:
-            latents = self.initial_latents(n, height, width, generators)
+            latents = self.initial_latents(len(prompts) * num_images, height, width, generators)
         kwargs = dict(
-            prompt=prompts,
+            prompt=list(prompts),
             negative_prompt=_expand(negative_prompt, len(prompts)),
             num_inference_steps=steps,
             guidance_scale=guidance,
@@ -416,16 +450,7 @@ class EditPipeline:
         )
         if negative_prompt is None:
             kwargs.pop("negative_prompt")
-        ctrl.install()
-        try:
-            # the same path as a stock call under attnedit.apply: the controlled __call__ starts the run
-            # from these arguments (plus the layout and CFG flag they do not carry)
-            with ctrl.call_options(layout=layout, cfg=cfg):
-                out = self.pipe(**kwargs)
-            records = ctrl.records()
-        finally:
-            ctrl.remove()
-        return Result(images=list(out.images), records=records, params=params)
+        return kwargs
 
     def invert(self, image: Any, prompt: str = "", steps: int = 50, **kw: Any):
         """Invert a real image into initial noise (DDIM for UNets, Euler for flow models).

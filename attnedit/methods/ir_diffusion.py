@@ -54,6 +54,9 @@ from ..masks import (
 )
 from ..selectors import Select, Steps
 
+NEEDS_ROLES = ("it needs reference rows (role 'source') and scene rows (role 'target') in one call: run it through "
+               "attnedit.methods.ir_diffusion.ir_diffusion(...) or a batch job with references")
+
 
 def _target_rows(layout: BatchLayout) -> list[int]:
     """Rows the subject masks describe: role "target", or every non-source row of a plain batch."""
@@ -308,8 +311,7 @@ class RepositionAttention(Control):
     def example(cls) -> Example:
         return Example(references={"prompts": ["a red circle", "a blue square"], "subjects": ["circle", "square"],
                                     "boxes": [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]},
-                       stock="it needs reference and scene rows in one call: run it through ir_diffusion(...) or a "
-                             "batch job with references")
+                       stock=NEEDS_ROLES)
     #: the scene reads the references of its call
     cross_sample = True
 
@@ -366,8 +368,7 @@ class RepositionAttention(Control):
     def setup(self, run) -> None:
         layout = run.layout
         if layout is None or not any(r.role == "source" for r in layout.rows):
-            raise ValueError("RepositionAttention needs a batch layout with reference rows (role 'source') and "
-                             "scene rows (role 'target'); use attnedit.methods.ir_diffusion.ir_diffusion(...)")
+            raise ValueError(f"RepositionAttention: {NEEDS_ROLES}")
         halves = sorted({r.cfg for r in layout.rows})
         self._ref_rows = {h: [i for i in sorted(layout.indices(cfg=h, role="source"),
                                                 key=lambda j: layout.rows[j].sample)] for h in halves}
@@ -661,6 +662,8 @@ def ir_diffusion(
     _check_words(edit_pipe, [scene_prompt], [scene_subjects], max_len)
     ref_seed = int(reference_seed) if reference_seed is not None else int(seed) + 1000
     opts = dict(control_options or {})
+    whole = [[0.0, 0.0, 1.0, 1.0]] * len(refs)  # the options and the model are checked before any rehearsal
+    RepositionAttention(target_boxes=whole, reference_boxes=whole, **opts).check_family(edit_pipe.family)
     n = len(refs) + 1
     guidance = kw.get("guidance")
     guidance = float(guidance) if guidance is not None else edit_pipe.family.default_guidance
