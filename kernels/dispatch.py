@@ -287,12 +287,17 @@ def torch_attention(
         attn_mask = _combine_masks(mask, keep, q.dtype)
     if capture is None and attn_mask is None and _xformers is not None and q.is_cuda:
         return _xformers.memory_efficient_attention(q, k, v, scale=scale), None
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale
-    ).transpose(1, 2)
-    # The output stays SDPA's (identical to an uncaptured call); captured probabilities come from
-    # explicit logits normalised over every key (autograd flows through them for guidance).
-    probs = _captured_probs(q, k, scale, attn_mask, capture) if capture is not None else None
+    probs = None
+    if capture is not None and _fused_lse_applies(q, k, v, attn_mask):
+        out, probs = _capture_with_fused_lse(q, k, v, scale, attn_mask, capture)
+    else:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale
+        ).transpose(1, 2)
+        # The output stays SDPA's (identical to an uncaptured call); captured probabilities come from
+        # explicit logits normalised over every key (autograd flows through them for guidance).
+        if capture is not None:
+            probs = _captured_probs(q, k, scale, attn_mask, capture)
     if keep is not None:
         # Rows with no allowed key: the additive finfo.min bias gives them a uniform softmax;
         # the contract is zeros, for the output and the probabilities alike.
@@ -302,6 +307,45 @@ def torch_attention(
             if probs is not None:
                 probs = probs.masked_fill(empty.transpose(1, 2), 0.0)
     return out, probs
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fused_lse_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+    """CPU fp32 without autograd: SDPA's own CPU kernel can return the log-sum-exp beside the output."""
+    return (
+        _CPU_FLASH is not None
+        and q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and not needs_grad(q, k, v)
+        and (attn_mask is None or attn_mask.dtype == q.dtype)
+    )
+
+
+def _capture_with_fused_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    attn_mask: torch.Tensor | None,
+    capture: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attention pass that also gives the probabilities of the captured keys.
+
+    The output is the one `F.scaled_dot_product_attention` computes on the CPU (the same kernel, so
+    bit-equal); the kernel's log-sum-exp normalises the logits of the captured keys only, instead of
+    recomputing every logit and a second log-sum-exp beside SDPA (`_captured_probs`, the autograd path).
+    """
+    out, lse = _CPU_FLASH(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False,
+                          attn_mask=attn_mask, scale=scale)[:2]
+    cols = capture.to(k.device)
+    s = scale if scale is not None else q.shape[-1] ** -0.5
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k.index_select(1, cols)) * s
+    if attn_mask is not None:
+        logits = logits + attn_mask[..., cols]
+    probs = torch.exp(logits - lse.unsqueeze(-1))
+    return out.transpose(1, 2), torch.nan_to_num(probs, nan=0.0).mean(dim=1)
 
 
 def _captured_probs(

@@ -88,3 +88,25 @@ def test_backend_choice():
         assert kernels.current() == "torch"
     with pytest.raises(ValueError, match="choose one of auto, torch, triton"):
         kernels.use("cuda")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_capture_without_grad_uses_sdpa_lse_and_agrees_with_the_autograd_path(masked):
+    """No-grad capture (AttentionStore) reads the log-sum-exp of SDPA's own CPU kernel: the output is
+    plain SDPA's bit for bit and the probabilities equal the explicit-logit path used for guidance."""
+    from attnedit.kernels.dispatch import _captured_probs, _combine_masks, torch_attention
+
+    q, k, v = torch.randn(2, 48, 3, 8), torch.randn(2, 20, 3, 8), torch.randn(2, 20, 3, 8)
+    regions = RegionMask(torch.randint(0, 2, (2, 48)), torch.randint(0, 2, (2, 20)),
+                         torch.tensor([[True, False], [True, True]])) if masked else None
+    capture = torch.tensor([0, 3, 7, 19])
+    out, probs = torch_attention(q, k, v, regions=regions, capture=capture)
+    bias = _combine_masks(None, regions.dense(), q.dtype) if masked else None
+    plain = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=bias).transpose(1, 2)
+    assert torch.equal(out, plain)
+    expected = _captured_probs(q, k, None, bias, capture)
+    assert torch.allclose(probs, expected, atol=1e-6)
+    q.requires_grad_(True)
+    _, with_grad = torch_attention(q, k, v, regions=regions, capture=capture)
+    assert with_grad.grad_fn is not None and torch.allclose(with_grad, expected, atol=1e-6)
