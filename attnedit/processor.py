@@ -23,7 +23,10 @@ from . import kernels
 from .layers import LayerInfo
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .controller import Controller
+    from .controls import CallContext, Control
 
 
 class AttnEditProcessor:
@@ -180,50 +183,7 @@ class AttnEditProcessor:
         if not active:
             return self.plain(q, k, v, mask)
         ctx = controller.context(self.layer, attn, hidden_states, encoder_hidden_states, image, text, q.shape[1])
-        for c in active:
-            if c.overrides("qkv"):
-                q, k, v = c.qkv(ctx, q, k, v)
-        regions = downsample = window = None
-        captures: list[tuple[object, torch.Tensor]] = []
-        attender = None
-        for c in active:
-            if c.overrides("regions"):
-                r = c.regions(ctx)
-                if r is not None:
-                    regions = r if regions is None else combine_regions(regions, r)
-            if c.overrides("downsample"):
-                downsample = c.downsample(ctx) or downsample
-            if c.overrides("window"):
-                window = c.window(ctx) or window
-            if c.overrides("capture"):
-                keys = c.capture(ctx)
-                if keys is not None:
-                    captures.append((c, keys))
-            if c.overrides("attend"):
-                attender = c
-        out = None
-        if attender is not None:
-            out = attender.attend(ctx, q, k, v, mask)
-        probs = None
-        if out is None and regions is None and downsample is None and window is None and not captures:
-            out = self.plain(q, k, v, mask)
-        if out is None:
-            capture_keys = None
-            if captures:
-                capture_keys = torch.unique(torch.cat([keys for _, keys in captures]).to(q.device))
-            res = kernels.attention(
-                q, k, v, mask=mask, regions=regions, downsample=downsample, window=window, capture=capture_keys
-            )
-            out, probs = (res if capture_keys is not None else (res, None))
-            if probs is not None:
-                for c, keys in captures:
-                    where = torch.searchsorted(capture_keys, keys.to(q.device))
-                    c.observe(ctx, probs[..., where])
-        for c in active:
-            if c.overrides("output"):
-                out = c.output(ctx, out)
-        return out
-
+        return run_controls(active, ctx, q, k, v, mask, self.plain)
 
     def plain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention with no attnedit feature, computed the way the stock processor computes it."""
@@ -236,6 +196,65 @@ class AttnEditProcessor:
                                          parallel_config=self._parallel_config)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return out.transpose(1, 2)
+
+
+def run_controls(
+    active: list[Control],
+    ctx: CallContext,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    plain: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The controls' hooks around one attention call, in the fixed order of `attnedit.controls`.
+
+    `plain(q, k, v, mask)` computes attention that needs no attnedit feature (the processor passes
+    the stock computation; parity checks and tests may call this with `plain=None`, then
+    `attnedit.kernels.attention` computes it).
+    """
+    for c in active:
+        if c.overrides("qkv"):
+            q, k, v = c.qkv(ctx, q, k, v)
+    regions = downsample = window = None
+    captures: list[tuple[Control, torch.Tensor]] = []
+    attender = None
+    for c in active:
+        if c.overrides("regions"):
+            r = c.regions(ctx)
+            if r is not None:
+                regions = r if regions is None else combine_regions(regions, r)
+        if c.overrides("downsample"):
+            downsample = c.downsample(ctx) or downsample
+        if c.overrides("window"):
+            window = c.window(ctx) or window
+        if c.overrides("capture"):
+            keys = c.capture(ctx)
+            if keys is not None:
+                captures.append((c, keys))
+        if c.overrides("attend"):
+            attender = c
+    out = None
+    if attender is not None:
+        out = attender.attend(ctx, q, k, v, mask)
+    if out is None and regions is None and downsample is None and window is None and not captures:
+        out = plain(q, k, v, mask) if plain is not None else kernels.attention(q, k, v, mask=mask)
+    if out is None:
+        capture_keys = None
+        if captures:
+            capture_keys = torch.unique(torch.cat([keys for _, keys in captures]).to(q.device))
+        res = kernels.attention(
+            q, k, v, mask=mask, regions=regions, downsample=downsample, window=window, capture=capture_keys
+        )
+        out, probs = (res if capture_keys is not None else (res, None))
+        if probs is not None:
+            for c, keys in captures:
+                where = torch.searchsorted(capture_keys, keys.to(q.device))
+                c.observe(ctx, probs[..., where])
+    for c in active:
+        if c.overrides("output"):
+            out = c.output(ctx, out)
+    return out
 
 
 def combine_regions(a: kernels.RegionMask, b: kernels.RegionMask) -> kernels.RegionMask:
