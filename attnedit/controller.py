@@ -37,6 +37,10 @@ from .tokens import TokenIndex, index_prompt
 _EXCLUSIVE_HOOKS = ("attend", "downsample", "window")
 
 
+class NonFiniteError(RuntimeError):
+    """A run produced NaN or inf (the denoiser's output or the decoded image): it stops, nothing is written."""
+
+
 @dataclass
 class Run:
     """What is known about the generation in progress (shared by all controls)."""
@@ -125,6 +129,7 @@ class Controller:
         try:
             self.denoiser.set_attn_processor(procs)
             self._handles.append(self.denoiser.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+            self._handles.append(self.denoiser.register_forward_hook(self._post_forward))
             if self.family.arch == "unet":
                 for parent in {n.split(".transformer_blocks.")[0] for n in self.registry.layers}:
                     module = self.denoiser.get_submodule(parent)
@@ -416,6 +421,16 @@ class Controller:
         self._track_step(t_val)
         self._set_layout(int(sample.shape[0]))
         return args, kwargs
+
+    def _post_forward(self, module, args, output) -> None:
+        """The final guard: a NaN / inf prediction stops the run, naming the step and the controls."""
+        pred = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        if isinstance(pred, torch.Tensor) and not bool(torch.isfinite(pred).all()):
+            live = [type(c).__name__ for c in self.controls if c.active(self.step, self.run.num_steps, self.phase)]
+            raise NonFiniteError(
+                f"the denoiser's output holds NaN or inf at step {self.step} (timestep {self.timestep}, {self.phase} "
+                f"pass); controls acting there: {', '.join(live) or 'none'}. Nothing was written"
+            )
 
     def _begin_direct_run(self) -> None:
         """The denoiser was called outside a pipeline call: bind the controls for this run now."""

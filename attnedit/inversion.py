@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from . import validate
 from .controls import Control
 from .layout import BatchLayout
 
@@ -74,15 +75,21 @@ def prepare_image(image: Any, stride: int, fit: str = "resize") -> tuple[Image.I
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
-            raise ValueError(f"image file {str(path)!r} does not exist")
-        image = Image.open(path)
-        image.load()
+            raise validate.InputError("image", str(path), "an existing image file", note="no such file")
+        try:
+            image = Image.open(path)
+            image.load()
+        except (UnidentifiedImageError, OSError) as err:
+            raise validate.InputError("image", str(path), "an image file PIL can read (PNG, JPEG, WebP, ...)",
+                                      note=type(err).__name__) from None
     elif isinstance(image, np.ndarray):
+        validate.finite_tensor("image", image)
         arr = image
         if arr.dtype != np.uint8:
             arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
         image = Image.fromarray(arr)
     elif isinstance(image, torch.Tensor):
+        validate.finite_tensor("image", image)
         t = image.detach().float().cpu()
         if t.dim() == 4 and t.shape[0] == 1:
             t = t[0]
@@ -274,11 +281,11 @@ def invert(
     x0_hat from the previous level), the reverse Euler sampler for flow-matching DiTs. Returns an
     `Inversion` with the inverted latent and every intermediate latent.
     """
-    if not isinstance(prompt, str):
-        raise ValueError("the inversion prompt must be one string")
-    steps = int(steps)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    validate.text("prompt", prompt, empty=True)
+    steps = validate.steps(steps)
+    guidance = validate.guidance(guidance)
+    validate.choice("fit", fit, _FITS)
+    validate.text("negative_prompt", negative_prompt, empty=True)
     fam = edit_pipe.family.name
     if fam not in ("sd", "sdxl", "sd3", "flux"):
         raise ValueError(f"inversion is not available for {edit_pipe.family.label} pipelines; "
@@ -379,12 +386,22 @@ def edit(
     with the source reconstruction first, then the edited target(s); `records["inversion"]`
     says what was done to the input image.
     """
-    targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
-    if not isinstance(source_prompt, str) or not targets or any(not isinstance(t, str) for t in targets):
-        raise ValueError("edit needs one source prompt and at least one target prompt (strings)")
+    validate.text("source_prompt", source_prompt, empty=True)
+    targets = validate.prompts(target_prompt, "target_prompt")
     for bad in ("seed", "latents", "layout", "num_images", "height", "width"):
         if bad in kw:
-            raise ValueError(f"edit sets {bad!r} from the image and its inversion; do not pass it")
+            raise validate.InputError(bad, kw[bad], "", message=f"edit() sets {bad} from the image and its "
+                                      "inversion; do not pass it")
+    edit_pipe.check_pipe_kwargs(kw, "edit", ["control", "controls", "steps", "guidance", "inversion",
+                                             "inversion_prompt", "follow_source", "fit", "negative_prompt"])
+    steps = validate.steps(steps)
+    if guidance is not None:
+        guidance = validate.guidance(guidance)
+    validate.text("inversion_prompt", inversion_prompt, empty=True)
+    validate.flag("follow_source", follow_source)
+    validate.choice("fit", fit, _FITS)
+    if control is not None and not isinstance(control, Control):
+        raise validate.InputError("control", control, "a Control instance (MasaCtrl() by default)")
     if control is None:
         from .methods.masactrl import MasaCtrl
 

@@ -17,12 +17,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
-from .controller import Controller
+from . import validate
+from .controller import Controller, NonFiniteError
 from .controls import Control
 from .families import FAMILIES, Family, family_from_class, family_of
 from .layout import BatchLayout
@@ -69,6 +70,21 @@ def controlled(pipe: Any, *controls: Control) -> Iterator[Controller]:
 
 
 # ------------------------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class Inputs:
+    """The checked arguments of one `generate` call (see `EditPipeline.check_inputs`)."""
+
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    negative_prompt: str | list[str] | None
+    num_images: int
+    n: int  # images in all
+
+
 @dataclass
 class Result:
     """Images of one `generate` call plus what the controls recorded and every parameter."""
@@ -162,12 +178,26 @@ def bundled_models() -> list[str]:
 
 
 def _family_from_index(index: Path) -> Family:
-    data = json.loads(Path(index).read_text())
-    return family_from_class(str(data.get("_class_name")))
+    return family_from_class(str(read_index(index).get("_class_name")))
+
+
+def read_index(index: Path) -> dict[str, Any]:
+    """A model folder's model_index.json, or an error naming the file and what is wrong with it."""
+    try:
+        data = json.loads(Path(index).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        where = f" (line {err.lineno}, column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
+        raise validate.InputError("model", str(index), "a diffusers pipeline folder", message=(
+            f"{index} is not valid JSON{where}: {type(err).__name__}; a diffusers pipeline folder needs a "
+            "model_index.json naming its pipeline class")) from None
+    if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
+        raise validate.InputError("model", str(index), "", message=f"{index} names no pipeline class "
+                                  "(its _class_name is missing)")
+    return data
 
 
 def load(
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: Any = DEFAULT_MODEL,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
@@ -175,18 +205,30 @@ def load(
 ) -> EditPipeline:
     """Load a pipeline of a supported family and wrap it as an `EditPipeline`.
 
+    `model`: a hub id, a local folder, a bundled name ("shapes-sd") or a builtin ("tiny-sd"), or a
+    diffusers pipeline object you already have (wrapped as it is; `device`/`dtype` still apply).
+
     >>> pipe = attnedit.load("tiny-sd")              # or a folder, a hub id, "shapes-sd"
     >>> result = pipe("a red circle", seed=0)
     """
     adapters = {k: kw.pop(k) for k in list(kw) if k in _ADAPTERS and kw[k] is not None}
-    unknown = [k for k in kw if k not in _LOAD_OPTIONS]
-    if unknown:
-        valid = (*_LOAD_OPTIONS, *_ADAPTERS)
-        raise ValueError(f"unknown load option {unknown[0]!r}; valid options: {', '.join(valid)}")
+    validate.keywords("load", kw, (*_LOAD_OPTIONS, *_ADAPTERS, "device", "dtype"))
     dtype = _as_dtype(dtype)
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available on this machine")
+    device = validate.device(device)
+    if not isinstance(model, (str, os.PathLike)):
+        if not hasattr(model, "components") or not callable(model):
+            raise validate.InputError("model", model, "a hub id, a folder, a bundled or builtin name, or a diffusers "
+                                      "pipeline", shown=f"a {type(model).__name__}")
+        if kw:
+            raise validate.InputError(next(iter(kw)), kw[next(iter(kw))], "", message=(
+                "load options for from_pretrained do not apply to a pipeline object that is already loaded"))
+        edit = EditPipeline(model)  # family_of refuses an unsupported class by name
+        if dtype is not None:
+            model.to(dtype=dtype)
+        if device is not None:
+            model.to(device)
+        _load_adapters(edit, adapters)
+        return edit
     if device is not None and device.type == "cpu" and dtype == torch.float16:
         warnings.warn("float16 on the CPU is slow and not supported by every op; float32 is recommended",
                       stacklevel=2)
@@ -198,13 +240,12 @@ def load(
     else:
         import diffusers
 
-        cls_name = json.loads(Path(where, "model_index.json").read_text())["_class_name"] if Path(
-            where).exists() else None
+        cls_name = read_index(Path(where, "model_index.json"))["_class_name"] if Path(where).exists() else None
         cls = getattr(diffusers, cls_name) if cls_name else diffusers.DiffusionPipeline
         extra: dict[str, Any] = {}
         if family.name == "sd":
             extra.update(safety_checker=None, requires_safety_checker=False)
-        pipe = cls.from_pretrained(where, torch_dtype=dtype or torch.float32, **extra, **kw)
+        pipe = cls.from_pretrained(where, dtype=dtype or torch.float32, **extra, **kw)
         pipe.set_progress_bar_config(disable=True)
     if dtype is not None:
         pipe.to(dtype=dtype)
@@ -214,25 +255,32 @@ def load(
     settings = Path(where, "attnedit.json")
     if settings.is_file():  # recommended steps/guidance/size shipped with a model folder
         edit.settings = json.loads(settings.read_text())
-    for option, path in adapters.items():
-        import importlib
+    _load_adapters(edit, adapters)
+    return edit
 
+
+def _load_adapters(edit: EditPipeline, adapters: dict[str, Any]) -> None:
+    import importlib
+
+    for option, path in adapters.items():
         module, func = _ADAPTERS[option]
         try:
             loader = getattr(importlib.import_module(module), func)
         except (ModuleNotFoundError, AttributeError) as err:
             raise ValueError(f"load option {option!r} is not available in this attnedit build") from err
         loader(edit, path)
-    return edit
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise validate.InputError("dtype", dtype, "torch.float32, torch.float16 or torch.bfloat16")
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(names)}")
+    validate.choice("dtype", dtype, names)
     return names[dtype]
 
 
@@ -343,38 +391,13 @@ class EditPipeline:
         """
         # an explicit control of the same class replaces the default one (e.g. CLEAR with other options)
         controls = [*(d for d in self.default_controls if not any(type(c) is type(d) for c in controls)), *controls]
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or any(not isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a non-empty string or a list of strings")
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
-        n = len(prompts) * num_images
-        seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
-        if len(seeds) != n:
-            raise ValueError(f"{len(seeds)} seeds given for {n} images ({len(prompts)} prompts x {num_images})")
-        steps = int(steps) if steps is not None else self.default_steps()
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if guidance is None:
-            guidance = self.settings.get("guidance", self.family.default_guidance)
-        guidance = float(guidance)
-        dh, dw = self.default_size()
-        height, width = int(height or dh), int(width or dw)
-        stride = self.pixel_stride
-        if height % stride or width % stride or height <= 0 or width <= 0:
-            raise ValueError(
-                f"image size {height}x{width} is not a positive multiple of {stride} for this model; "
-                f"e.g. {max(stride, height // stride * stride)}x{max(stride, width // stride * stride)}"
-            )
+        checked = self.check_inputs(prompt, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
+                                    negative_prompt=negative_prompt, num_images=num_images, latents=latents,
+                                    controls=controls, **pipe_kwargs)
+        prompts, seeds, steps, guidance = checked.prompts, checked.seeds, checked.steps, checked.guidance
+        height, width, negative_prompt, n = checked.height, checked.width, checked.negative_prompt, checked.n
+        num_images = checked.num_images
         self._check_devices()
-        if latents is not None:
-            expected = self.latent_shape(n, height, width)
-            if tuple(latents.shape) != expected:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {expected} for {n} image(s) "
-                                 f"of {height}x{width}")
-            if latents.device != self.device or latents.dtype != self.dtype:
-                raise ValueError(f"latents are {latents.dtype} on {latents.device}; the model is {self.dtype} on "
-                                 f"{self.device}")
         call, shown_negative = self.with_true_cfg({**self.call_defaults(), **pipe_kwargs}, guidance, negative_prompt)
         cfg = guidance > 1.0 and self.family.name != "flux"
         if layout is not None and layout.size != (2 * n if cfg else n):
@@ -409,7 +432,86 @@ class EditPipeline:
             records = ctrl.records()
         finally:
             ctrl.remove()
-        return Result(images=list(out.images), records=records, params=params)
+        return Result(images=to_pil(out.images, controls), records=records, params=params)
+
+    def check_inputs(
+        self,
+        prompt: Any,
+        *,
+        seed: Any = 0,
+        steps: Any = None,
+        guidance: Any = None,
+        height: Any = None,
+        width: Any = None,
+        negative_prompt: Any = None,
+        num_images: Any = 1,
+        latents: Any = None,
+        controls: Sequence[Any] = (),
+        **pipe_kwargs: Any,
+    ) -> Inputs:
+        """Every argument of `generate` checked against this model, before any model call.
+
+        Raises `attnedit.validate.InputError` (a ValueError) naming the parameter, the bad value and
+        what is valid (see `attnedit.validate` for the ranges); returns the values `generate` uses,
+        the model's recommended settings filled in where an argument is None.
+        """
+        prompts = validate.prompts(prompt)
+        num_images = validate.num_images(num_images)
+        n = len(prompts) * num_images
+        seeds = validate.seeds(seed, n)
+        steps = validate.steps(steps) if steps is not None else self.default_steps()
+        guidance = validate.guidance(guidance if guidance is not None else self.recommended()["guidance"])
+        dh, dw = self.default_size()
+        height = validate.side("height", height if height is not None else dh, self.pixel_stride)
+        width = validate.side("width", width if width is not None else dw, self.pixel_stride)
+        negative_prompt = validate.negative_prompt(negative_prompt, len(prompts))
+        for c in controls:
+            if not isinstance(c, Control):
+                raise validate.InputError("controls", c, "Control instances (e.g. attnedit.ToDo()), or names through "
+                                          "attnedit.make_control")
+        self.check_pipe_kwargs(pipe_kwargs)
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                raise validate.InputError("latents", latents, "a torch.Tensor")
+            expected = self.latent_shape(n, height, width)
+            if tuple(latents.shape) != expected:
+                raise validate.InputError("latents", latents,
+                                          f"of shape {expected} for {n} image(s) of {height}x{width}",
+                                          shown=f"a tensor of shape {tuple(latents.shape)}")
+            if latents.device != self.device or latents.dtype != self.dtype:
+                raise validate.InputError("latents", latents, f"{self.dtype} on {self.device} (the model's)",
+                                          shown=f"{latents.dtype} on {latents.device}")
+            validate.finite_tensor("latents", latents)
+        return Inputs(prompts, seeds, steps, guidance, height, width, negative_prompt, num_images, n)
+
+    #: arguments of the stock call that `generate` sets itself, and the parameter that sets each
+    _SET_BY_GENERATE: ClassVar[dict[str, str | None]] = {
+        "prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "steps",
+        "guidance_scale": "guidance", "height": "height", "width": "width", "num_images_per_prompt": "num_images",
+        "generator": "seed", "latents": "latents", "output_type": None, "return_dict": None,
+    }
+
+    def check_pipe_kwargs(self, pipe_kwargs: dict[str, Any], what: str = "generate",
+                          own: Sequence[str] = ()) -> None:
+        """Extra keyword arguments of `generate` (or of `what`, whose own parameters are `own`) are the stock
+        pipeline call's own, and are finite."""
+        import inspect
+
+        from .controller import stock_class
+
+        params = inspect.signature(stock_class(self.pipe).__call__).parameters
+        for key, value in pipe_kwargs.items():
+            if key in self._SET_BY_GENERATE:
+                ours = self._SET_BY_GENERATE[key]
+                use = (f"pass {ours}= instead" if ours else "generate returns PIL images (Result.images); for "
+                       "latents or arrays, call the stock pipeline (EditPipeline.pipe) under attnedit.apply")
+                raise validate.InputError(key, value, "", message=f"{what}() sets {key} itself: {use}")
+            if key not in params or key in ("self", "kwargs"):
+                extra = sorted(k for k in params if k not in self._SET_BY_GENERATE and k not in ("self", "kwargs"))
+                validate.keywords(what, [key], [*own, "controls", "seed", "steps", "guidance", "height", "width",
+                                                "negative_prompt", "num_images", "layout", "latents", *extra])
+            if isinstance(value, float):
+                validate.number(key, value)
 
     def stock_arguments(
         self,
@@ -445,7 +547,7 @@ class EditPipeline:
             num_images_per_prompt=num_images,
             generator=generators,
             latents=latents,
-            output_type="pil",
+            output_type="np",  # checked for NaN / inf, then made PIL images (`to_pil`)
             **call,
         )
         if negative_prompt is None:
@@ -459,6 +561,7 @@ class EditPipeline:
         """
         from .inversion import invert
 
+        validate.keywords("invert", kw, ["guidance", "fit", "negative_prompt"])
         return invert(self, image, prompt=prompt, steps=steps, **kw)
 
     def edit(self, image: Any, source_prompt: str, target_prompt: str, **kw: Any) -> Result:
@@ -523,6 +626,24 @@ class EditPipeline:
 
     def __repr__(self) -> str:
         return f"EditPipeline({self.model_name!r}, family={self.family.name})"
+
+
+def to_pil(images: Any, controls: Sequence[Control] = ()) -> list[Image.Image]:
+    """The pipeline's float images in [0, 1] as PIL images, refusing any that hold NaN or inf.
+
+    diffusers would write such an image as black (NaN cast to 0) with only a NumPy warning.
+    """
+    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
+
+    arr = np.asarray(images)
+    if not np.isfinite(arr).all():
+        bad = [i for i in range(arr.shape[0]) if not np.isfinite(arr[i]).all()]
+        names = ", ".join(type(c).__name__ for c in controls) or "no control"
+        raise NonFiniteError(f"the decoded image(s) {bad} hold NaN or inf (controls: {names}); nothing was written. "
+                             "In float16 the VAE can overflow: load the model with dtype='float32' or "
+                             "'bfloat16'")
+    return VaeImageProcessor.numpy_to_pil(arr)
 
 
 def _expand(value: str | list[str] | None, n: int) -> list[str] | None:

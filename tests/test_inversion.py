@@ -135,7 +135,7 @@ def test_unpacks_and_bad_input(sd, image):
         invert(sd, image, steps=2, fit="crop")
     with pytest.raises(ValueError, match="must be a PIL image"):
         invert(sd, 42, steps=2)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="image must be an existing image file, got '/nonexistent/image.png'"):
         invert(sd, "/nonexistent/image.png", steps=2)
     with pytest.raises(ValueError, match="steps must be"):
         invert(sd, image, steps=0)
@@ -144,7 +144,7 @@ def test_unpacks_and_bad_input(sd, image):
         edit(sd, image, "a", "b", inversion=inv, steps=3)
     with pytest.raises(ValueError, match="do not pass it"):
         edit(sd, image, "a", "b", steps=2, seed=3)
-    with pytest.raises(ValueError, match="at least one target"):
+    with pytest.raises(ValueError, match="target_prompt must be a string or a non-empty list of strings"):
         edit(sd, image, "a", [], steps=2)
     with pytest.raises(ValueError, match="not available"):
         invert(attnedit.load("tiny-pixart"), image, steps=2)

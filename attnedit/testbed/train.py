@@ -331,7 +331,7 @@ def install_vae(folder: str | os.PathLike, checkpoint: str | os.PathLike) -> Non
     from diffusers import AutoencoderKL
 
     target = Path(folder) / "vae"
-    vae = AutoencoderKL.from_pretrained(target, torch_dtype=torch.float32, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(target, dtype=torch.float32, local_files_only=True)
     state = torch.load(checkpoint, weights_only=False)["vae"]
     enc = {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
     # the folder holds fp16 weights: compare at that precision
