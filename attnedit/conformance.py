@@ -117,7 +117,7 @@ def run_generate(edit_pipe: Any, name: str, example: Example) -> Outcome:
 
 def run_apply(edit_pipe: Any, name: str, example: Example) -> Outcome:
     """The `apply` path: `attnedit.apply` on the stock pipeline, then the stock call `generate` makes."""
-    from .pipeline import apply, remove
+    from .pipeline import apply, remove, to_pil
 
     settings = edit_pipe.recommended()
     prompts = _prompts(example)
@@ -133,7 +133,7 @@ def run_apply(edit_pipe: Any, name: str, example: Example) -> Outcome:
         records = ctrl.records()
     finally:
         remove(edit_pipe.pipe)
-    return Outcome(_arrays(out.images), records)
+    return Outcome(_arrays(to_pil(out.images)), records)
 
 
 def job(name: str, example: Example) -> dict[str, Any]:
@@ -178,12 +178,17 @@ def run_batch(edit_pipe: Any, model: str, names_examples: list[tuple[str, Exampl
     return {k: Outcome([a for _, a in sorted(v, key=lambda x: x[0])], {}) for k, v in found.items()}
 
 
-def run_triton(edit_pipe: Any, name: str, example: Example) -> Outcome:
-    """The `generate` path with the Triton kernels forced."""
+def run_backend(edit_pipe: Any, name: str, example: Example, backend: str) -> Outcome:
+    """The `generate` path with attnedit's attention backend forced ("torch" or "triton")."""
     from . import kernels
 
-    with kernels.using("triton"):
+    with kernels.using(backend):
         return run_generate(edit_pipe, name, example)
+
+
+def run_triton(edit_pipe: Any, name: str, example: Example) -> Outcome:
+    """The `generate` path with the Triton kernels forced."""
+    return run_backend(edit_pipe, name, example, "triton")
 
 
 # ------------------------------------------------------------------------------------ the table
@@ -251,4 +256,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["PATHS", "TRITON_TOLERANCE", "Outcome", "job", "plain", "refusal", "registered", "replace_table",
-           "run_apply", "run_batch", "run_generate", "run_triton", "support_table"]
+           "run_apply", "run_backend", "run_batch", "run_generate", "run_triton", "support_table"]

@@ -108,7 +108,7 @@ class Controller:
         self._installed = False
         self._saved_processors: dict[str, Any] = {}
         self._handles: list[Any] = []
-        self._cache_wrapped = False
+        self._cache_wrapped: tuple[bool, Any] = (False, None)
         self._class_swapped: type | None = None
         self._pass_name: str | None = None
         self._refuse_unsupported()
@@ -134,10 +134,11 @@ class Controller:
                 for parent in {n.split(".transformer_blocks.")[0] for n in self.registry.layers}:
                     module = self.denoiser.get_submodule(parent)
                     self._handles.append(module.register_forward_pre_hook(self._grid_hook(parent)))
-            if hasattr(self.denoiser, "cache_context") and "cache_context" not in vars(self.denoiser):
-                # FLUX runs true-CFG's uncond pass as a separate forward under cache_context("uncond")
+            if hasattr(self.denoiser, "cache_context"):
+                # FLUX runs true-CFG's uncond pass as a separate forward under cache_context("uncond");
+                # an instance attribute already there (a user's own wrapper) is wrapped and put back
+                self._cache_wrapped = (True, vars(self.denoiser).get("cache_context"))
                 self.denoiser.cache_context = self._wrap_cache_context(self.denoiser.cache_context)
-                self._cache_wrapped = True
             base = type(self.pipe)
             self.pipe.__class__ = _controlled_class(base)
             self._class_swapped = base
@@ -159,14 +160,13 @@ class Controller:
             _carry_backend_choice(self.denoiser, self._saved_processors)
             self.denoiser.set_attn_processor(dict(self._saved_processors))
             self._saved_processors = {}
-        if self._cache_wrapped:
-            del self.denoiser.__dict__["cache_context"]
-            self._cache_wrapped = False
+        wrapped, previous = self._cache_wrapped
+        if wrapped:
+            _restore_attribute(self.denoiser, "cache_context", previous)
+            self._cache_wrapped = (False, None)
         if self._class_swapped is not None:
             self.pipe.__class__ = self._class_swapped
             self._class_swapped = None
-        if "prepare_latents" in vars(self.pipe):
-            del self.pipe.__dict__["prepare_latents"]
         if getattr(self.pipe, "_attnedit_controller", None) is self:
             del self.pipe._attnedit_controller
         self._installed = False
@@ -224,13 +224,14 @@ class Controller:
         self.timestep = None
         self.step = 0
         self._active_cache = None
-        self._run_open = True
-        self._first_step_pending = any(c.overrides("prepare_latents") for c in self.controls)
+        self._run_open = False  # until every control is bound: a refused run leaves nothing half open
         self._refuse_unsupported()
         self._check_conflicts(num_steps)
         for c in self.controls:
             c.reset()
             c.bind(self.run)
+        self._first_step_pending = any(c.overrides("prepare_latents") for c in self.controls)
+        self._run_open = True
         return self.run
 
     def _check_conflicts(self, num_steps: int | None = None) -> None:
@@ -274,28 +275,28 @@ class Controller:
         bound = sig.bind(self.pipe, *args, **kwargs)
         params = {**{k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty},
                   **bound.arguments}
-        self.begin_run(**self._run_arguments(params))
-        stepping = any(c.overrides("on_step_end") for c in self.controls)
-        if stepping:
-            user = params.get("callback_on_step_end")
-            if _is_own_callback(user, self):
-                user = None  # the pre-0.2 way: `callback_on_step_end=ctrl.step_callback`
-            inputs = getattr(user, "tensor_inputs", None) or params.get("callback_on_step_end_tensor_inputs") or []
-            bound.arguments["callback_on_step_end"] = self._composed_callback(user)
-            bound.arguments["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys([*inputs, "latents"]))
-        wrapped = self._first_step_pending and "prepare_latents" not in vars(self.pipe)
-        if wrapped:
-            self.pipe.prepare_latents = self._wrap_prepare_latents(self.pipe.prepare_latents)
+        wrapped, previous = False, None
         self._in_call = True
         self._loop_latents = None
         try:
+            self.begin_run(**self._run_arguments(params))
+            if any(c.overrides("on_step_end") for c in self.controls):
+                user = params.get("callback_on_step_end")
+                if _is_own_callback(user, self):
+                    user = None  # the pre-0.2 way: `callback_on_step_end=ctrl.step_callback`
+                inputs = getattr(user, "tensor_inputs", None) or params.get("callback_on_step_end_tensor_inputs") or []
+                bound.arguments["callback_on_step_end"] = self._composed_callback(user)
+                bound.arguments["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys([*inputs, "latents"]))
+            if self._first_step_pending:  # wraps what is there (a user's own instance attribute too), put back below
+                wrapped, previous = True, vars(self.pipe).get("prepare_latents")
+                self.pipe.prepare_latents = self._wrap_prepare_latents(self.pipe.prepare_latents)
             return call(*bound.args, **bound.kwargs)
         finally:
             self._in_call = False
             self._run_open = False
             self._loop_latents = None
-            if wrapped and "prepare_latents" in vars(self.pipe):
-                del self.pipe.__dict__["prepare_latents"]
+            if wrapped:
+                _restore_attribute(self.pipe, "prepare_latents", previous)
 
     def _run_arguments(self, params: dict[str, Any]) -> dict[str, Any]:
         """`begin_run` arguments read from a pipeline call's bound arguments (plus `call_options`)."""
@@ -385,8 +386,12 @@ class Controller:
         if t is None:
             raise RuntimeError("attnedit could not read the timestep passed to the denoiser")
         if self.phase == "denoise" and self._forced_step is None:
+            if not self._in_call:
+                self._refuse_direct_call()
             if not self._run_open:
-                self._begin_direct_run()
+                self.begin_run()
+            if self.timestep is None:
+                self._resolve_steps()
             if self._first_step_pending:
                 self._first_step_pending = False
                 new = self._first_step_update(sample, t)
@@ -432,8 +437,8 @@ class Controller:
                 f"pass); controls acting there: {', '.join(live) or 'none'}. Nothing was written"
             )
 
-    def _begin_direct_run(self) -> None:
-        """The denoiser was called outside a pipeline call: bind the controls for this run now."""
+    def _refuse_direct_call(self) -> None:
+        """A denoising forward outside a pipeline call (the user's own loop): latent updates cannot run there."""
         stepping = [type(c).__name__ for c in self.controls
                     if c.overrides("on_step_end") or c.overrides("prepare_latents")]
         if stepping:
@@ -441,19 +446,21 @@ class Controller:
                 f"{', '.join(stepping)} update(s) the latents between steps, which needs a pipeline call "
                 "(pipe(...) or EditPipeline.generate); called directly, the denoiser would run without it"
             )
-        self.begin_run()
-        self._first_step_pending = False
+
+    def _resolve_steps(self) -> None:
+        """At a run's first denoising forward the schedule is final: it decides the number of steps, and
+        every control's step window is checked against it (also for runs that began without a count)."""
+        sched = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        if sched is not None and len(sched) and self.run.num_steps != len(sched):
+            self.run.num_steps = len(sched)
+            for c in self.controls:
+                c.check_steps(self.run)
 
     def _first_step_update(self, sample: torch.Tensor, t: Any) -> torch.Tensor | None:
         """Controls' `prepare_latents` on the loop's initial latents; returns this forward's new input."""
         latents = self._loop_latents
         if latents is None:
             return None
-        sched = getattr(self.pipe.scheduler, "timesteps", None)
-        if sched is not None and len(sched) and self.run.num_steps != len(sched):
-            self.run.num_steps = len(sched)
-            for c in self.controls:
-                c.check_steps(self.run)
         new = latents
         for c in self.controls:
             if c.overrides("prepare_latents"):
@@ -680,6 +687,14 @@ def _controlled_class(base: type) -> type:
                                             "__qualname__": base.__qualname__, "_attnedit_base": base})
         _CONTROLLED[base] = cls
     return cls
+
+
+def _restore_attribute(obj: Any, name: str, previous: Any) -> None:
+    """Put back an instance attribute attnedit replaced (or remove it when there was none)."""
+    if previous is not None:
+        setattr(obj, name, previous)
+    else:
+        obj.__dict__.pop(name, None)
 
 
 def stock_class(pipe: Any) -> type:

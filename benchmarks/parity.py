@@ -6,7 +6,12 @@
 Each row runs one control's hooks exactly as the attention processor runs them
 (`attnedit.processor.run_controls`, the control bound to a tiny model of the family it needs) on
 random q, k, v, and computes the same attention from the paper's formula, written here with dense
-masks and explicit softmaxes (not attnedit's code):
+masks and explicit softmaxes in fp64. The attention arithmetic is independent of attnedit's code;
+where attnedit makes a documented choice of geometry, the reference takes the same one from
+attnedit's helpers (which grid cells a mask or box covers: `masks.mask_cells`, `subject_labels`;
+AgentSD's merge plan: `merge.bipartite_soft_matching`, checked against the official partition rule
+in tests/test_agent.py; a word's token positions), so these rows check the attention, not those
+choices:
 
 - AttentionStore: mean over heads of softmax(Q K^T / sqrt(d)) at the captured keys;
 - MasaCtrl: the target rows read softmax(Q_t K_s^T) V_s of their source (each CFG half its own);

@@ -62,9 +62,11 @@ def test_pipeline_callback_objects_are_composed(sd):
             return {}
 
     count = Count(cutoff_step_ratio=1.0)
-    with attnedit.controlled(sd.pipe, attnedit.AttendExcite(words=["cat", "dog"], thresholds={})):
+    ae = attnedit.AttendExcite(words=["cat", "dog"], thresholds={}, steps=(0, 3))
+    with attnedit.controlled(sd.pipe, ae):
         sd.pipe(PROMPT, callback_on_step_end=count, **_call(sd))
     assert count.steps == [0, 1, 2]
+    assert [e["step"] for e in ae.records()["guidance"]] == [0, 1, 2]  # attnedit's half ran too
 
 
 def test_edit_pipeline_composes_a_user_callback(sd):
@@ -88,10 +90,70 @@ def test_direct_denoiser_call_resolves_the_top_level():
 
 
 def test_direct_denoiser_call_refuses_latent_guidance():
+    """Also after a refused pipeline call, and after an explicit begin_run (the user's own loop)."""
     pipe = attnedit.load("tiny-sd").pipe
-    with attnedit.controlled(pipe, attnedit.AttendExcite(words=["cat"])):
+    unet_args = (torch.randn(1, 4, 8, 8), 10)
+    with attnedit.controlled(pipe, attnedit.AttendExcite(words=["cat"])) as ctrl:
         with pytest.raises(RuntimeError, match="needs a pipeline call"):
-            pipe.unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 77, 32))
+            pipe.unet(*unet_args, encoder_hidden_states=torch.randn(1, 77, 32))
+        with pytest.raises(ValueError, match="word 'cat' is not in the prompt"):
+            pipe("a red circle", num_inference_steps=2, height=64, width=64)
+        with pytest.raises(RuntimeError, match="needs a pipeline call"):
+            pipe.unet(*unet_args, encoder_hidden_states=torch.randn(1, 77, 32))
+        ctrl.begin_run(["a cat"], num_steps=2, height=64, width=64)
+        with pytest.raises(RuntimeError, match="needs a pipeline call"):
+            pipe.unet(*unet_args, encoder_hidden_states=torch.randn(1, 77, 32))
+
+
+def test_direct_denoiser_call_checks_the_step_window():
+    pipe = attnedit.load("tiny-sd").pipe
+    pipe.scheduler.set_timesteps(4)
+    with attnedit.controlled(pipe, attnedit.ToDo(steps=(100, None))), pytest.raises(ValueError, match="4-step run"):
+        pipe.unet(torch.randn(1, 4, 8, 8), pipe.scheduler.timesteps[0], encoder_hidden_states=torch.randn(1, 77, 32))
+
+
+def test_pipeline_is_restored_after_a_call_that_raised_and_keeps_its_own_attributes(sd):
+    """A user's own instance prepare_latents survives a guided call and remove(); a call raising in the
+    middle of the loop leaves the class, processors and attributes as they were."""
+    pipe = sd.pipe
+    stock_class, processors = type(pipe), dict(pipe.unet.attn_processors)
+    calls: list[int] = []
+
+    def my_prepare(*a, **kw):
+        calls.append(1)
+        return type(pipe).prepare_latents(pipe, *a, **kw)
+
+    pipe.prepare_latents = my_prepare
+    try:
+        ae = attnedit.AttendExcite(words=["cat", "dog"], thresholds={})
+        with attnedit.controlled(pipe, ae):
+            pipe(PROMPT, **_call(sd))
+            assert calls == [1] and ae.records()["guidance"][0]["step"] == 0
+
+            def boom(p, i, t, kw):
+                if i == 1:
+                    raise KeyboardInterrupt
+                return {}
+
+            with pytest.raises(KeyboardInterrupt):
+                pipe(PROMPT, callback_on_step_end=boom, **_call(sd))
+        assert vars(pipe)["prepare_latents"] is my_prepare
+    finally:
+        del pipe.prepare_latents
+    assert type(pipe) is stock_class and not hasattr(pipe, "_attnedit_controller")
+    assert all(pipe.unet.attn_processors[k] is v for k, v in processors.items())
+    assert "cache_context" not in vars(pipe.unet)
+
+
+def test_a_backend_chosen_while_installed_stays_after_remove():
+    pipe = attnedit.load("tiny-flux")
+    try:
+        with attnedit.controlled(pipe.pipe, attnedit.ToDo()):
+            pipe.denoiser.set_attention_backend("_native_math")
+        backends = {str(p._attention_backend) for p in pipe.denoiser.attn_processors.values()}
+        assert backends == {"AttentionBackendName._NATIVE_MATH"}
+    finally:
+        pipe.denoiser.reset_attention_backend()
 
 
 def test_empty_selections_are_refused_and_an_empty_window_warns(sd):

@@ -334,8 +334,6 @@ class CLEAR(Control):
         return Select(kind=("self", "joint"))
 
     def setup(self, run: Run) -> None:
-        if not self.selected_layers:
-            raise ValueError("CLEAR selected no self- or joint-attention layer on this model")
         ctrl = getattr(run.pipe, "_attnedit_controller", None)
         for other in getattr(ctrl, "controls", ()):
             if other is self or not other.overrides("downsample"):
