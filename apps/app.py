@@ -29,15 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gradio as gr
-import numpy as np
-from PIL import Image, ImageDraw
+from attnedit.app_cli import private_gradio_dir
 
-import attnedit
-from attnedit.pipeline import DEFAULT_MODEL
-from attnedit.visualize import heatmap, map_grid
+private_gradio_dir()  # before gradio reads GRADIO_TEMP_DIR: results and uploads stay private to this user
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw, UnidentifiedImageError  # noqa: E402
+
+import attnedit  # noqa: E402
+from attnedit import validate  # noqa: E402
+from attnedit.pipeline import DEFAULT_MODEL  # noqa: E402
+from attnedit.visualize import heatmap, map_grid  # noqa: E402
 
 MAX_UPLOAD = "8mb"  # gradio rejects larger uploads before they reach a handler
+MAX_UPLOAD_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
 MAX_SIDE = 1024  # largest image side the page may ask for
 MAX_STEPS = 100
 MAX_SELF_TOKENS = 1024  # self-attention maps kept for the pixel picker: grids up to 32x32
@@ -167,23 +173,41 @@ def _progress(progress: gr.Progress, what: str) -> _StepProgress:
 
 
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{what} must be a whole number, got {value!r}") from err
-    if number != int(number) or not lo <= number <= hi:
-        raise ValueError(f"{what} must be a whole number from {lo} to {hi}, got {value!r}")
-    return int(number)
+    """A whole number from a page widget (gradio's numbers and sliders send floats: 3.0 is 3, 2.5 is refused)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return validate.integer(what, value, lo, hi)
 
 
 def _guidance(value: Any) -> float:
+    return validate.number("guidance", value, 0.0, 30.0)
+
+
+def load_upload(value: Any, what: str = "the uploaded image") -> Image.Image | None:
+    """An uploaded file as an RGB image, or a readable refusal: not an image, or too many pixels.
+
+    The page passes file paths (so a bad upload reaches this check instead of failing inside gradio's
+    preprocessing with its own message); the size is read from the header, before any decoding.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        image = value
+    else:
+        path = value if isinstance(value, (str, Path)) else getattr(value, "name", None) or value.get("path")
+        try:
+            image = Image.open(path)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+            raise ValueError(f"{what} is not an image the app can read; upload a PNG, JPEG or WebP file") from None
+    w, h = image.size
+    if w * h > MAX_UPLOAD_PIXELS:
+        raise ValueError(f"{what} is {w}x{h} pixels; the app takes images up to {MAX_UPLOAD_PIXELS // 2**20} "
+                         "megapixels (e.g. 4096x4096): make it smaller first")
     try:
-        g = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"guidance must be a number, got {value!r}") from err
-    if not 0.0 <= g <= 30.0:
-        raise ValueError(f"guidance must be from 0 to 30, got {g}")
-    return g
+        image.load()
+    except (OSError, Image.DecompressionBombError):
+        raise ValueError(f"{what} is damaged or cut short; upload it again") from None
+    return image.convert("RGB")
 
 
 @dataclass
@@ -252,7 +276,8 @@ class Outputs:
     """Files handed to the page (PNG images, JSON jobs), in a private temp folder pruned hourly."""
 
     def __init__(self, root: Path | None = None, keep_s: float = 3600.0) -> None:
-        self.root = Path(root or tempfile.mkdtemp(prefix="attnedit-app-"))
+        self.root = Path(root or tempfile.mkdtemp(prefix="attnedit-app-"))  # mkdtemp: 0700
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.keep_s = keep_s
 
     def _prune(self) -> None:
@@ -265,6 +290,7 @@ class Outputs:
         self._prune()
         path = self.root / f"{stem}-{uuid.uuid4().hex[:8]}.png"
         image.save(path, format="PNG")
+        path.chmod(0o600)
         return str(path)
 
     def jobs(self, defaults: dict[str, Any], jobs: list[dict[str, Any]], files: dict[str, Any] | None = None,
@@ -277,6 +303,7 @@ class Outputs:
         if not files:
             path = self.root / f"{name}.jsonl"
             path.write_text(text)
+            path.chmod(0o600)
             return str(path)
         path = self.root / f"{name}.zip"
         with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -288,6 +315,7 @@ class Outputs:
                     zf.writestr(f"{name}/{rel}", buf.getvalue())
                 else:
                     zf.write(source, f"{name}/{rel}")
+        path.chmod(0o600)
         return str(path)
 
 
@@ -720,20 +748,20 @@ class AttnEditApp:
         return (list(zip(result.images, captions)), _timing(seconds, settings, extra), pngs,
                 self._jobs(model, [job], {"mask.png": mask} if mask is not None else None, "masactrl"))
 
-    def edit_input(self, model: str, image: Image.Image | None) -> tuple[Image.Image, list[str]]:
+    def edit_input(self, model: str, image: Any) -> tuple[Image.Image, list[str]]:
         """The upload as it is inverted: at most the model's size and sides multiples of its stride."""
         import warnings
 
         from attnedit.inversion import prepare_image
 
         pipe = self.pool.get(model)
-        fitted, notes = fit_upload(image, pipe.default_size(), pipe.pixel_stride)
+        fitted, notes = fit_upload(load_upload(image, "the image to edit"), pipe.default_size(), pipe.pixel_stride)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said in the page instead
             fitted, more = prepare_image(fitted, pipe.pixel_stride)
         return fitted, notes + more
 
-    def edit_canvas(self, model: str, image: Image.Image | None) -> dict[str, Any] | None:
+    def edit_canvas(self, model: str, image: Any) -> dict[str, Any] | None:
         """The mask canvas of the edit: the upload as it will be edited, enlarged like the results."""
         if image is None:
             return None
@@ -743,7 +771,7 @@ class AttnEditApp:
             return None
         return editor_value(enlarge(fitted))
 
-    def edit(self, model: str, image: Image.Image | None, source: str, target: str, steps: float, guidance: float,
+    def edit(self, model: str, image: Any, source: str, target: str, steps: float, guidance: float,
              mask_word: str = "", use_drawn: bool = False, drawn: Any = None, progress: gr.Progress = PROGRESS):
         """Real-image edit: invert the upload, then denoise source and target with MasaCtrl.
 
@@ -754,6 +782,7 @@ class AttnEditApp:
         target = _prompt(target, "target prompt")
         n_steps = _int(steps, "steps", 1, MAX_STEPS)
         scale = _guidance(guidance)
+        image = load_upload(image, "the image to edit")
         fitted, notes = self.edit_input(model, image)
         upload = (image.height, image.width) if image is not None else None
         options, mask = _mask_options(mask_word, use_drawn, drawn, (fitted.height, fitted.width), 2, upload)
@@ -828,12 +857,7 @@ class AttnEditApp:
             raise ValueError(f"{len(files)} reference photos for {n} reference prompts; give one per prompt or none")
         photos, notes = [], []
         for i, f in enumerate(files):
-            path = f if isinstance(f, str) else getattr(f, "name", None) or f.get("path")
-            try:
-                with Image.open(path) as im:
-                    photo = im.convert("RGB")
-            except Exception as err:
-                raise ValueError(f"reference photo {i + 1} is not an image the app can read ({err})") from err
+            photo = load_upload(f, f"reference photo {i + 1}")
             if photo.size != (settings.width, settings.height):
                 notes.append(f"reference photo {i + 1} ({photo.width}x{photo.height}) resized to "
                              f"{settings.width}x{settings.height}, the scene's size")
@@ -847,7 +871,7 @@ class AttnEditApp:
 
         return importlib.util.find_spec("attnedit.train.attencraft") is not None
 
-    def concepts(self, model: str, image: Image.Image | None, concepts: str, steps: float, class_images: float,
+    def concepts(self, model: str, image: Any, concepts: str, steps: float, class_images: float,
                  progress: gr.Progress = PROGRESS_TQDM):
         """Train AttenCraft tokens from one image, then offer `model + tokens` in every tab."""
         from attnedit.train.attencraft import attencraft
@@ -860,7 +884,7 @@ class AttnEditApp:
         n_steps = _int(steps, "training steps", 1, 500)
         n_class = _int(class_images, "class images", 0, 50)
         probe = self.pool.get(model)
-        fitted, notes = fit_upload(image, probe.default_size(), probe.pixel_stride)
+        fitted, notes = fit_upload(load_upload(image, "the concepts image"), probe.default_size(), probe.pixel_stride)
         run_dir = self.outputs.root / "concepts" / uuid.uuid4().hex[:10]
         run_dir.mkdir(parents=True)
         source = run_dir / "instance.png"
@@ -1028,8 +1052,8 @@ class AttnEditApp:
                                 "(reconstruction) and as the target with MasaCtrl.")
                     with gr.Row():
                         with gr.Column():
-                            e_image = gr.Image(label="Image to edit", type="pil", sources=["upload", "clipboard"],
-                                               image_mode="RGB", elem_id="edit-image")
+                            e_image = gr.Image(label="Image to edit", type="filepath", sources=["upload", "clipboard"],
+                                               elem_id="edit-image")
                             e_source = gr.Textbox(label="What the image shows (source prompt)", value="a red circle")
                             e_target = gr.Textbox(label="Target prompt", value="a red circle on the left")
                             with gr.Row():
@@ -1121,8 +1145,8 @@ class AttnEditApp:
                                 "joins the model list, so its tokens work in every tab.")
                     with gr.Row():
                         with gr.Column():
-                            a_image = gr.Image(label="One image showing every concept", type="pil",
-                                               sources=["upload", "clipboard"], image_mode="RGB")
+                            a_image = gr.Image(label="One image showing every concept", type="filepath",
+                                               sources=["upload", "clipboard"])
                             a_concepts = gr.Textbox(label="Concepts (at least two, comma-separated)",
                                                     value="circle, square")
                             with gr.Row():
@@ -1163,7 +1187,15 @@ THEME = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-m
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, *, block: bool = True) -> str:
-    """Serve `demo` (local fonts only, upload cap, errors shown); returns its URL."""
+    """Serve `demo` (local fonts only, upload cap, errors shown); returns its URL.
+
+    A blocking server (the `attnedit app` process) creates its files readable by this user only (umask 077):
+    gradio's copies of results and uploads, in a 0700 folder (`private_gradio_dir`).
+    """
+    if block:
+        import os
+
+        os.umask(0o077)
     demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, show_error=True, quiet=True,
                 prevent_thread_lock=not block, ssr_mode=False, footer_links=["api"], css=CSS,
                 theme=gr.themes.Default(**THEME))

@@ -14,6 +14,20 @@ import sys
 from types import ModuleType
 
 
+def private_gradio_dir() -> str:
+    """A folder only this user can read (0700) for gradio's uploads and result files.
+
+    gradio writes both under GRADIO_TEMP_DIR (default: a shared, world-readable /tmp/gradio); it reads
+    the variable when it is imported, so this runs first. A folder the user chose is kept.
+    """
+    import os
+    import tempfile
+
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="attnedit-gradio-")
+    return os.environ["GRADIO_TEMP_DIR"]
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from .pipeline import DEFAULT_MODEL
 
@@ -55,6 +69,13 @@ def load_app_module() -> ModuleType:
 
 
 def _app(args: argparse.Namespace) -> int:
+    from . import validate
+
+    validate.port(args.port)
+    validate.device(args.device)
+    if args.dtype is not None:
+        validate.choice("dtype", args.dtype, validate.DTYPES)
+    private_gradio_dir()
     try:
         import gradio  # noqa: F401
     except ModuleNotFoundError:

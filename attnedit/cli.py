@@ -69,28 +69,50 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help='a control, e.g. --control todo:factor=2 or --control \'astar:{"words": ["cat"]}\'')
 
 
+def _check_common(args: argparse.Namespace) -> Path:
+    """Everything the command line can check before loading a model (the same checks as the API)."""
+    from . import validate
+
+    n = getattr(args, "num_images", 1)
+    validate.num_images(n)
+    validate.seeds(args.seed, n)
+    if args.steps is not None:
+        validate.steps(args.steps)
+    if args.guidance is not None:
+        validate.guidance(args.guidance)
+    for side in ("height", "width"):
+        if getattr(args, side) is not None:
+            validate.side(side, getattr(args, side))
+    validate.device(args.device)
+    if args.dtype is not None:
+        validate.choice("dtype", args.dtype, validate.DTYPES)
+    return validate.output_file("--out", args.out)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .pipeline import load
 
+    out = _check_common(args)
     controls = [parse_control(s) for s in args.control]
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     result = pipe.generate(
         args.prompt, controls=controls, seed=args.seed, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, negative_prompt=args.negative_prompt, num_images=args.num_images,
     )
-    out = Path(args.out)
     for i in range(len(result.images)):
-        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         saved = result.save(path, i)
         print(saved)
     return 0
 
 
 def _maps(args: argparse.Namespace) -> int:
+    """The image at --out (X.png, sidecar X.json) and the map grid beside it (X.maps.png)."""
     from .pipeline import load
     from .store import AttentionStore
     from .visualize import map_grid
 
+    out = _check_common(args)
     words = [w.strip() for w in args.words.split(",")] if args.words else None
     store = AttentionStore(words=words)
     controls = [store, *(parse_control(s) for s in args.control)]
@@ -99,23 +121,29 @@ def _maps(args: argparse.Namespace) -> int:
         args.prompt, controls=controls, seed=args.seed, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, negative_prompt=args.negative_prompt,
     )
-    out = Path(args.out)
-    image_path = result.save(out.with_name(out.stem + "_image.png"))
-    grid = map_grid(store.word_maps(0), result.images[0])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
+    grid = map_grid(store.word_maps(0), result.images[0])  # before any file is written: a bad word fails here
+    image_path = result.save(out)
+    grid_path = maps_path(out)
+    grid.save(grid_path)
     print(image_path)
-    print(out)
+    print(grid_path)
     return 0
 
 
+def maps_path(image: Path) -> Path:
+    """Where the map grid of the image at `image` goes: X.png -> X.maps.png (as batch runs name it)."""
+    return image.with_name(f"{image.stem}.maps.png")
+
+
 def _info(args: argparse.Namespace) -> int:
+    from . import validate
     from .controller import Controller
     from .pipeline import load
 
     pipe = load(args.model)
     h, w = pipe.default_size()
-    h, w = args.height or h, args.width or w
+    h = validate.side("height", args.height, pipe.pixel_stride) if args.height is not None else h
+    w = validate.side("width", args.width, pipe.pixel_stride) if args.width is not None else w
     stride = pipe.vae_scale_factor
     ctrl = Controller(pipe.pipe, [])
     rows = ctrl.describe_layers((h // stride, w // stride))
@@ -141,10 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/image.png", help="PNG path (sidecar written beside it)")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("maps", help="prompt -> image plus a grid of per-word attention maps")
+    p = sub.add_parser("maps", help="prompt -> image (X.png + X.json) plus a grid of per-word maps (X.maps.png)")
     _common(p)
     p.add_argument("--words", default=None, help="comma-separated words (default: every word)")
-    p.add_argument("--out", default="outputs/maps.png", help="PNG path of the map grid")
+    p.add_argument("--out", default="outputs/maps.png",
+                   help="PNG path of the image; its sidecar is X.json and the map grid X.maps.png")
     p.set_defaults(func=_maps)
 
     p = sub.add_parser("info", help="model family, attention layers and their token grids")

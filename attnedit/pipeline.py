@@ -105,9 +105,8 @@ class Result:
 
 
 def save_image(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]) -> Path:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        path = path.with_suffix(".png")
+    """`image` as a PNG at `path` (which must end in .png) plus its JSON sidecar beside it."""
+    path = validate.output_file("path", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")
@@ -398,16 +397,20 @@ class EditPipeline:
         height, width, negative_prompt, n = checked.height, checked.width, checked.negative_prompt, checked.n
         num_images = checked.num_images
         self._check_devices()
-        call, shown_negative = self.with_true_cfg({**self.call_defaults(), **pipe_kwargs}, guidance, negative_prompt)
         cfg = guidance > 1.0 and self.family.name != "flux"
         if layout is not None and layout.size != (2 * n if cfg else n):
             raise ValueError(f"layout has {layout.size} rows, the batch has {2 * n if cfg else n}")
         ctrl = Controller(self.pipe, list(controls))
+        kwargs = self.stock_arguments(prompts, seeds, steps=steps, guidance=guidance, height=height, width=width,
+                                      negative_prompt=negative_prompt, num_images=num_images, latents=latents,
+                                      **pipe_kwargs)
         params = {
             "model": self.model_name,
             "family": self.family.name,
             "prompt": prompts if len(prompts) > 1 else prompts[0],
-            "negative_prompt": shown_negative,
+            # true CFG runs against an empty negative prompt when none is given (`with_true_cfg`)
+            "negative_prompt": negative_prompt if negative_prompt is not None else (
+                "" if "negative_prompt" in kwargs else None),
             "seeds": seeds,
             "steps": steps,
             "guidance": guidance,
@@ -417,12 +420,9 @@ class EditPipeline:
             "controls": [{"name": c.name, **c.options()} for c in controls],
             "versions": versions(),
         }
-        for key, value in call.items():
-            if isinstance(value, (str, int, float, bool)):
+        for key, value in kwargs.items():
+            if key not in self._SET_BY_GENERATE and isinstance(value, (str, int, float, bool)):
                 params.setdefault(key, value)
-        kwargs = self.stock_arguments(prompts, seeds, steps=steps, guidance=guidance, height=height, width=width,
-                                      negative_prompt=negative_prompt, num_images=num_images, latents=latents,
-                                      **pipe_kwargs)
         ctrl.install()
         try:
             # the same path as a stock call under attnedit.apply: the controlled __call__ starts the run
@@ -501,6 +501,8 @@ class EditPipeline:
 
         params = inspect.signature(stock_class(self.pipe).__call__).parameters
         for key, value in pipe_kwargs.items():
+            if key in own:
+                continue
             if key in self._SET_BY_GENERATE:
                 ours = self._SET_BY_GENERATE[key]
                 use = (f"pass {ours}= instead" if ours else "generate returns PIL images (Result.images); for "

@@ -233,8 +233,44 @@ def port(value: Any) -> int:
     return integer("port", value, 1, 65535)
 
 
+def output_file(name: str, value: Any, suffixes: Sequence[str] = (".png",)) -> Any:
+    """A file path to write: ends in one of `suffixes`, is not a folder, and its folder can be written.
+
+    Checked before any work, so a run never ends with "cannot write" after the images were made (the
+    folder itself is created when the file is written).
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    want = " or ".join(suffixes)
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise InputError(name, value, f"a file path ending in {want}")
+    raw = str(value)
+    path = Path(raw).expanduser()
+    if raw.endswith(("/", os.sep)) or path.is_dir():
+        raise InputError(name, raw, f"a file path ending in {want}", note=f"{raw} is a folder: give e.g. "
+                         f"{(path / ('image' + suffixes[0])).as_posix()}")
+    if path.suffix.lower() not in suffixes:
+        raise InputError(name, raw, f"a file path ending in {want}",
+                         note=f"e.g. {path.with_suffix(suffixes[0]).as_posix()}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(name, raw, "a path inside a folder", note=f"{parent} is a file")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".attnedit-probe-"):
+            pass
+    except OSError as err:
+        raise InputError(name, raw, "a path in a folder this user can write",
+                         note=f"cannot write in {parent}: {err.strerror or type(err).__name__}") from None
+    return path
+
+
 __all__ = [
     "GUIDANCE_MAX", "NUM_IMAGES_MAX", "SEED_MAX", "SIDE_MAX", "STEPS_MAX", "InputError", "choice", "device",
-    "finite_tensor", "flag", "guidance", "integer", "keywords", "negative_prompt", "num_images", "number", "port",
+    "finite_tensor", "flag", "guidance", "integer", "keywords", "negative_prompt", "num_images", "number",
+    "output_file", "port",
     "prompts", "seed", "seeds", "short", "side", "steps", "text",
 ]

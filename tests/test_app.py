@@ -209,7 +209,7 @@ def test_attention_maps_unknown_word_and_out_of_range_pixel_are_refused(client):
     with pytest.raises(AppError, match="word 'zebra' is not in the prompt; its words are: a, red, circle"):
         client.predict(MODEL, "a red circle", "zebra", 0, STEPS, 7.5, 64, 64, api_name="/maps")
     client.predict(MODEL, "a red circle", "", 0, STEPS, 7.5, 64, 64, api_name="/maps")
-    with pytest.raises(AppError, match="x must be a whole number from 0 to 63"):
+    with pytest.raises(AppError, match="x must be an integer from 0 to 63, got 64"):
         client.predict(64, 0, api_name="/self_attention")
 
 

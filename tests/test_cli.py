@@ -32,9 +32,10 @@ def test_maps_writes_grid(tmp_path):
     out = tmp_path / "maps.png"
     args = ["maps", "a red cube", "--model", "tiny-sd", "--steps", "2", "--out", str(out), "--words", "red,cube"]
     assert main(args) == 0
-    grid = Image.open(out)
+    grid = Image.open(tmp_path / "maps.maps.png")
     assert grid.width == 3 * 192  # image + two words
-    assert (tmp_path / "maps_image.png").exists()
+    assert Image.open(out).size == (64, 64)  # --out is the image, its sidecar beside it
+    assert json.loads((tmp_path / "maps.json").read_text())["prompt"] == "a red cube"
 
 
 def test_info_lists_layers_with_grids(capsys):
@@ -53,3 +54,4 @@ def test_errors_are_readable(tmp_path, capsys):
     assert "word 'zebra' is not in the prompt; its words are: a, cube" in capsys.readouterr().err
     assert main(["info", "--model", "nowhere"]) == 2
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "m.png").exists()
+    assert not list(tmp_path.iterdir()), "nothing is written when a run is refused"
