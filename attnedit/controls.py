@@ -264,6 +264,36 @@ class Control:
         return f"{type(self).__name__}({opts})"
 
 
+def _check_option(cls: type, control: str, key: str, value: Any) -> None:
+    """An option of a simple declared type (int, float, bool, str, or one of them | None) gets exactly that:
+    no "2" for an int, no true for a number, no NaN (what the CLI, job files and the app pass in)."""
+    import types
+    import typing
+
+    from . import validate
+
+    try:
+        hint = typing.get_type_hints(cls.__init__).get(key)
+    except Exception:  # an annotation this module cannot resolve: the constructor checks the value
+        return
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    allowed = set(typing.get_args(hint)) if union else {hint}
+    if value is None and type(None) in allowed:
+        return
+    simple = allowed - {type(None)}
+    if not simple or not simple <= {int, float, bool, str}:
+        return
+    what = f"option {key} of control {control!r}"
+    ok = ((bool in simple and isinstance(value, bool))
+          or (int in simple and validate._is_int(value))
+          or (float in simple and validate._is_number(value) and validate.math.isfinite(float(value)))
+          or (str in simple and isinstance(value, str)))
+    if not ok:
+        words = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+        names = " or ".join(words[t] for t in (bool, int, float, str) if t in simple)
+        raise validate.InputError(what, value, names + (" or None" if type(None) in allowed else ""))
+
+
 def describe_layers(registry: LayerRegistry) -> str:
     """A short summary of a model's layers for error messages (kinds, blocks, index range)."""
     infos = list(registry)
@@ -307,10 +337,16 @@ def make_control(name: str, options: dict[str, Any] | None = None) -> Control:
         raise ValueError(
             f"unknown option {unknown[0]!r} for control {name!r}; valid options: {', '.join(valid)}"
         )
+    for key, value in options.items():
+        _check_option(cls, name, key, value)
     for key in ("steps",):
         if key in options and isinstance(options[key], list):
             options[key] = tuple(options[key])
     if "layers" in options and isinstance(options["layers"], dict):
+        fields = [f for f in inspect.signature(Select).parameters]
+        bad = [k for k in options["layers"] if k not in fields]
+        if bad:
+            raise ValueError(f"unknown key {bad[0]!r} in layers of control {name!r}; valid keys: {', '.join(fields)}")
         options["layers"] = Select(**options["layers"])
     return cls(**options)
 

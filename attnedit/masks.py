@@ -24,23 +24,43 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import validate
+
 Box = tuple[float, float, float, float]
 
 
-def check_boxes(boxes: Sequence[Sequence[float]], what: str = "box") -> list[Box]:
-    """Validate normalised (x0, y0, x1, y1) boxes: inside [0, 1] with positive area."""
+def check_boxes(boxes: Sequence[Sequence[float]], what: str = "box", distinct: bool = False) -> list[Box]:
+    """Validate normalised (x0, y0, x1, y1) boxes: finite, inside [0, 1], with positive area; with
+    `distinct`, no two boxes identical (two subjects in one place cannot be told apart)."""
     out: list[Box] = []
     for i, b in enumerate(boxes):
         try:
-            x0, y0, x1, y1 = (float(v) for v in b)
+            x0, y0, x1, y1 = (validate.number(f"{what} {i}", v) for v in b)
         except (TypeError, ValueError):
-            raise ValueError(f"{what} {i} must be 4 numbers (x0, y0, x1, y1) in [0, 1], got {b!r}") from None
+            raise ValueError(f"{what} {i} must be 4 finite numbers (x0, y0, x1, y1) in [0, 1], "
+                             f"got {validate.short(b)}") from None
+        if len(b) != 4:
+            raise ValueError(f"{what} {i} must be 4 numbers (x0, y0, x1, y1) in [0, 1], got {validate.short(b)}")
         if not all(0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
-            raise ValueError(f"{what} {i} {b!r} is outside [0, 1]: boxes are normalised (x0, y0, x1, y1)")
+            raise ValueError(f"{what} {i} {b!r} is outside the image: boxes are fractions in [0, 1], "
+                             "(x0, y0, x1, y1) from the top-left")
         if x1 <= x0 or y1 <= y0:
             raise ValueError(f"{what} {i} {b!r} has zero area: need x1 > x0 and y1 > y0")
+        if distinct and (x0, y0, x1, y1) in out:
+            raise ValueError(f"{what} {i} {b!r} is the same box as {what} {out.index((x0, y0, x1, y1))}: two "
+                             "subjects need two places")
         out.append((x0, y0, x1, y1))
     return out
+
+
+def check_box_size(boxes: Sequence[Box], height: int, width: int, cell: int, what: str = "box") -> None:
+    """Refuse a box smaller than one latent cell (`cell` px) at this image size: no token would be inside it."""
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        w, h = (x1 - x0) * width, (y1 - y0) * height
+        if w < cell or h < cell:
+            raise ValueError(f"{what} {i} {list((x0, y0, x1, y1))} is {w:.1f}x{h:.1f} px at {width}x{height}, smaller "
+                             f"than one latent cell ({cell} px): make it at least {cell / width:.3f} of the width and "
+                             f"{cell / height:.3f} of the height")
 
 
 def to_mask(mask: Any) -> torch.Tensor:
@@ -68,6 +88,7 @@ def to_mask(mask: Any) -> torch.Tensor:
         t = t[0]
     if t.dim() != 2:
         raise ValueError(f"a mask must be 2-D (H, W), got shape {tuple(t.shape)}")
+    validate.finite_tensor("mask", t)
     if t.numel() and float(t.max()) > 1.0:
         t = t / 255.0
     return t.clamp(0.0, 1.0)

@@ -29,11 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import validate
 from ..controls import CallContext, Example, register
 from ..guidance import GuidanceControl, LayerMaps, StepPlan, map_level, native_latent_side, resolve_subjects
 from ..kernels.types import RegionMask
 from ..layers import LayerInfo
 from ..losses import bounded_iou_loss, linear_schedule
+from ..masks import check_box_size, check_boxes
 from ..selectors import Steps
 from ..tokens import STOP_WORDS
 
@@ -267,6 +269,8 @@ class BoundedAttention(GuidanceControl):
         return loss
 
     def resolve(self, run) -> None:
+        if self.boxes is not None and run.height and run.width:
+            check_box_size(self.boxes, run.height, run.width, int(getattr(run.pipe, "vae_scale_factor", 8)))
         if self._custom_layers:
             self.state.mask_layers = frozenset(
                 i.name for i in run.registry if i.name in self.selected_layers and i.block == "up")
@@ -512,18 +516,7 @@ class BoundedAttention(GuidanceControl):
 def _check_boxes(boxes) -> list[tuple[float, float, float, float]]:
     if boxes is None or len(boxes) == 0:
         raise ValueError("give one box [x0, y0, x1, y1] (fractions of the image, origin top-left) per subject")
-    out = []
-    for i, box in enumerate(boxes):
-        try:
-            x0, y0, x1, y1 = (float(v) for v in box)
-        except (TypeError, ValueError):
-            raise ValueError(f"box {i} must be [x0, y0, x1, y1], got {box!r}") from None
-        if min(x0, y0, x1, y1) < 0.0 or max(x0, y0, x1, y1) > 1.0:
-            raise ValueError(f"box {i} {list(box)} is outside the image: coordinates are fractions in [0, 1]")
-        if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"box {i} {list(box)} has zero area: need x0 < x1 and y0 < y1")
-        out.append((x0, y0, x1, y1))
-    return out
+    return check_boxes(boxes, distinct=True)
 
 
 def _check_masks(masks) -> list[torch.Tensor]:
@@ -534,6 +527,7 @@ def _check_masks(masks) -> list[torch.Tensor]:
         t = torch.as_tensor(np.asarray(m, dtype=np.float32))
         if t.dim() != 2 or t.numel() == 0:
             raise ValueError(f"mask {i} must be a non-empty 2-D array, got shape {tuple(t.shape)}")
+        validate.finite_tensor(f"mask {i}", t)
         if not bool((t > 0.5).any()):
             raise ValueError(f"mask {i} is empty (no value > 0.5)")
         out.append(t)

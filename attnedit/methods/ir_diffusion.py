@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..controls import NEEDS_PROMPT, CallContext, Control, Example, register
+from ..controls import NEEDS_PROMPT, CallContext, Control, Example, make_control, register
 from ..kernels import attention
 from ..kernels.types import RegionMask
 from ..layout import BatchLayout
@@ -663,7 +663,10 @@ def ir_diffusion(
     ref_seed = int(reference_seed) if reference_seed is not None else int(seed) + 1000
     opts = dict(control_options or {})
     whole = [[0.0, 0.0, 1.0, 1.0]] * len(refs)  # the options and the model are checked before any rehearsal
-    RepositionAttention(target_boxes=whole, reference_boxes=whole, **opts).check_family(edit_pipe.family)
+    placed = [k for k in opts if k.startswith(("target_", "reference_"))]
+    if placed:
+        raise ValueError(f"control_options: {placed[0]!r} is an argument of ir_diffusion itself; pass it there")
+    make_control("reposition", {**opts, "target_boxes": whole, "reference_boxes": whole}).check_family(edit_pipe.family)
     n = len(refs) + 1
     guidance = kw.get("guidance")
     guidance = float(guidance) if guidance is not None else edit_pipe.family.default_guidance
@@ -695,8 +698,9 @@ def ir_diffusion(
                 rkw.update(latents=latents[: len(refs)], controls=followers)
             found = attention_masks(edit_pipe, refs, [[w] for w in subjects], seed=[ref_seed] * len(refs), **rkw)
             reference_masks = [m[0] for m in found]
-        control = RepositionAttention(target_boxes=target_boxes, target_masks=target_masks,
-                                      reference_boxes=reference_boxes, reference_masks=reference_masks, **opts)
+        control = make_control("reposition", dict(target_boxes=target_boxes, target_masks=target_masks,
+                                                  reference_boxes=reference_boxes, reference_masks=reference_masks,
+                                                  **opts))
         result = edit_pipe.generate([*refs, scene_prompt], controls=[control, *followers],
                                     seed=[ref_seed] * len(refs) + [seed], layout=layout, latents=latents, **kw)
     result.records["ir_diffusion"] = {"target_masks": target_masks, "reference_masks": reference_masks,

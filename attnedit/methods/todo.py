@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .. import validate
 from ..controls import PHASES, CallContext, Control, Example, register
 from ..kernels.types import KVDownsample
 from ..selectors import Select
@@ -35,13 +36,15 @@ METHODS = ("nearest-exact", "nearest", "avg", "bilinear")
 _NATIVE_LATENT = {"flux": 128}
 
 
+MAX_FACTOR = 16  # keys/values 256x fewer: past this a layer's grid is one token or less at any real size
+
+
 def _check_factor(value: object, what: str) -> int | str:
     if value == "auto":
         return "auto"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{what} must be an integer >= 1 or 'auto', got {value!r}")
-    if value < 1:
-        raise ValueError(f"{what} must be >= 1 (1 = no downsampling), got {value}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FACTOR:
+        raise ValueError(f"{what} must be an integer from 1 (no downsampling) to {MAX_FACTOR}, or 'auto', "
+                         f"got {validate.short(value)}")
     return value
 
 
