@@ -197,7 +197,11 @@ def load_upload(value: Any, what: str = "the uploaded image") -> Image.Image | N
         path = value if isinstance(value, (str, Path)) else getattr(value, "name", None) or value.get("path")
         try:
             image = Image.open(path)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        except Image.DecompressionBombError as err:
+            limit = MAX_UPLOAD_PIXELS // 2**20
+            raise ValueError(f"{what} has too many pixels ({err}); the app takes images up to {limit} megapixels "
+                             "(e.g. 4096x4096): make it smaller first") from None
+        except (UnidentifiedImageError, OSError):
             raise ValueError(f"{what} is not an image the app can read; upload a PNG, JPEG or WebP file") from None
     w, h = image.size
     if w * h > MAX_UPLOAD_PIXELS:

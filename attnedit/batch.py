@@ -15,7 +15,14 @@ A job file is JSONL (one job per line; a `{"defaults": {...}}` line fills every 
 `negative_prompt`, `maps` (true or a list of words: save an attention-map grid), an optional `id`,
 and `together: true` to make a job's prompts in one call from one seed, the first as the source
 of the others (MasaCtrl). Values come from the job, then the CLI flags, then the `defaults`
-block, then the model.
+block, then the model; except the size: `--height` / `--width` on the command line override
+every job's size (its own `size` / `height` / `width` and the defaults'), side by side, and a
+real-image edit job (sized by its image) is refused with them. Every value is checked as the
+Python API checks it (`attnedit.validate`: integers are integers, guidance finite, seeds in
+0 .. 2**32 - 1, sides in 1 .. 8192 and multiples of the model's stride) before any model call;
+YAML anchors / aliases and keys given twice (YAML or JSONL) are refused with their line.
+`--validate` also warns, without failing, about a size more than 2x from the model's native
+size on a side (slow, and noise rather than images).
 
 Jobs that read files (every path is relative to the job file's folder and checked before anything
 runs; an image's key includes the files' contents, so an edited file is made again):
@@ -40,26 +47,44 @@ Why it is built this way:
   order, so a pixel may differ by one level between batch sizes; fixing the batches this way
   makes one worker and eight workers, and a resumed run, bit-identical (on the same kind of
   device; on CPUs with the same threads per process, `--threads`, which CPU sums also depend on).
-- Writes are atomic (temp name, then rename); the sidecar JSON is written last and marks an image
-  complete; `manifest.jsonl` gets one line per finished image (appended under a file lock) and is
-  rebuilt from the sidecars when it was cut short, and rewritten in job order at the end.
+- Writes are atomic (temp name unique to the process, then rename); the sidecar JSON is written
+  last, holds the PNG's sha256 and marks an image complete; a rerun skips an image only when its
+  bytes still match (an older sidecar without the hash: when the PNG decodes whole), so a file
+  damaged on disk is made again. `manifest.jsonl` gets one line per finished image (appended
+  under a file lock) and is rebuilt from the sidecars when it was cut short, and rewritten in job
+  order at the end.
+- One run at a time per output folder: a run holds an exclusive lock (`.attnedit-batch.lock`,
+  `flock`, taken by the main process of an `accelerate launch` for all its processes); a second
+  run into the same `--out` refuses at once, naming the folder and the holder.
+- SIGTERM / SIGINT: the batch being denoised is abandoned (nothing of it is written), images
+  already handed to the writer are finished, and the run ends with status 128 + the signal
+  (143 / 130); a second signal ends it at once. Finished images stay intact; rerun to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import functools
 import hashlib
+import io
 import json
 import os
 import re
+import secrets
+import signal
 import sys
+import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import validate
+from .validate import InputError, short
 
 MANIFEST = "manifest.jsonl"
 SIDECAR_TAG = "attnedit_batch"  # marks sidecars written by this module (with the image key)
@@ -69,6 +94,11 @@ _JOB_ONLY = ("id", "prompt", "prompts", "image", "source_prompt", "references") 
 DEFAULT_KEYS = (*(k for k in JOB_KEYS if k not in _JOB_ONLY), "model", "concepts")
 REFERENCE_KEYS = ("prompts", "subjects", "boxes", "images", "options")
 _SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
+LOCK = ".attnedit-batch.lock"  # inside the output folder, held (flock) for the whole run
+MESSAGE_MAX = 500  # no problem message prints more than this (a value is shown short, never whole)
+SEEDS_COUNT_MAX = 100_000  # `seeds: N` makes N images per prompt
+ID_MAX = 80  # a job id is part of file names
+SIZE_FAR = 2.0  # --validate warns when a side is more than this factor from the model's native size
 
 
 # ------------------------------------------------------------------------------------- data types
@@ -79,8 +109,19 @@ class Problem:
     line: int
     message: str
 
+    def __post_init__(self) -> None:
+        self.message = _cap(self.message)
+
     def __str__(self) -> str:
         return f"line {self.line}: {self.message}"
+
+
+def _cap(text: str, limit: int = MESSAGE_MAX) -> str:
+    """`text` cut to `limit` characters, saying how much was left out."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}... ({len(text) - limit + 40} more characters)"
 
 
 @dataclass
@@ -119,6 +160,7 @@ class Plan:
     jobs: int = 0
     duplicates: int = 0
     model: str | None = None
+    warnings: list[Problem] = field(default_factory=list)  # valid but likely unwanted (a size far from native)
 
 
 @dataclass
@@ -129,6 +171,14 @@ class Summary:
     invalid: list[Problem] = field(default_factory=list)
     duplicates: int = 0  # images asked for twice in the file (made once)
     seconds: float = 0.0
+    interrupted: int | None = None  # the signal (SIGTERM / SIGINT) that stopped the run early
+
+    @property
+    def exit_status(self) -> int:
+        """The CLI's status: 128 + signal when interrupted, 1 when an image failed or a line was bad, else 0."""
+        if self.interrupted:
+            return 128 + int(self.interrupted)
+        return 0 if self.ok else 1
 
     def merge(self, other: Summary) -> None:
         self.done += other.done
@@ -137,19 +187,43 @@ class Summary:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.invalid
+        return not self.failed and not self.invalid and not self.interrupted
 
 
 # -------------------------------------------------------------------------------------- reading
 def read_jobs(path: str | os.PathLike) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
     """Parse a JSONL or YAML job file into (defaults, jobs with line numbers, problems)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"job file {path} is a folder, not a job file: give a .jsonl or .yaml file")
     if not path.is_file():
         raise FileNotFoundError(f"job file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path, path.read_bytes())
     if path.suffix.lower() in (".yaml", ".yml"):
         return _read_yaml(text)
     return _read_jsonl(text)
+
+
+_BOMS = (("UTF-32", (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")), ("UTF-16", (b"\xff\xfe", b"\xfe\xff")))
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """The job file's text: UTF-8 (a UTF-8 byte-order mark is dropped); anything else is refused,
+    naming the file and the line, instead of a UnicodeDecodeError traceback."""
+    for encoding, boms in _BOMS:
+        if data.startswith(boms):
+            raise ValueError(f"job file {path} is {encoding} text (it starts with a {encoding} byte-order mark); "
+                             "save it as UTF-8")
+    if b"\x00" in data:
+        line = data[: data.index(b"\x00")].count(b"\n") + 1
+        raise ValueError(f"job file {path}: line {line} holds a NUL byte (is the file UTF-16 or binary?); save it "
+                         "as UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"job file {path}: line {line} is not UTF-8 (byte {data[err.start]:#04x} at offset "
+                         f"{err.start}); save the file as UTF-8") from None
 
 
 def file_model(path: str | os.PathLike) -> str | None:
@@ -164,10 +238,11 @@ def file_concepts(path: str | os.PathLike) -> Path | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{path}: defaults.concepts must be the path of a concepts file or folder, got {value!r}")
+        raise ValueError(f"{path}: defaults.concepts must be the path of a concepts file or folder, got {short(value)}")
     found = _resolve(Path(path).parent, value)
     if not found.exists():
-        raise ValueError(f"{path}: defaults.concepts {value!r} does not exist (looked for {found})")
+        raise ValueError(f"{path}: defaults.concepts {short(value)} does not exist "
+                         f"(looked for {_cap(str(found), 200)})")
     return found
 
 
@@ -198,15 +273,15 @@ def _input_file(base: Path | None, name: Any, what: str, files: dict[str, str]) 
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{what} must be a file name (relative to the job file), got {name!r}")
+        raise ValueError(f"{what} must be a file name (relative to the job file), got {short(name)}")
     path = _resolve(base, name)
     if not path.is_file():
-        raise ValueError(f"{what} {name!r} does not exist (looked for {path})")
+        raise ValueError(f"{what} {short(name)} does not exist (looked for {_cap(str(path), 200)})")
     try:
         with Image.open(path) as im:
             im.verify()
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{what} {name!r} is not an image the batch can read ({err})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"{what} {short(name)} is not an image the batch can read ({_cap(str(err), 200)})") from None
     files[name] = _file_digest(path)
     return path
 
@@ -221,9 +296,16 @@ def _read_jsonl(text: str) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
         if not line or line.startswith("#"):
             continue
         try:
-            data = json.loads(line)
+            data = json.loads(line, object_pairs_hook=_unique_pairs)
+        except _DuplicateKey as err:
+            problems.append(Problem(no, f"duplicate key {short(err.key)}: a key may appear once in an object "
+                                        "(JSON readers would silently keep the last)"))
+            continue
         except json.JSONDecodeError as err:
             problems.append(Problem(no, f"not valid JSON ({err.msg} at column {err.colno})"))
+            continue
+        except (ValueError, RecursionError) as err:  # e.g. an integer of more than 4300 digits, nesting too deep
+            problems.append(Problem(no, f"not valid JSON ({type(err).__name__}: {_cap(str(err), 120)})"))
             continue
         if isinstance(data, dict) and set(data) == {"defaults"}:
             if defaults_line is not None:
@@ -238,13 +320,87 @@ def _read_jsonl(text: str) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
     return defaults, entries, problems
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: Any) -> None:
+        super().__init__(f"duplicate key {short(key)}")
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads` hook: an object that names a key twice is refused (not last-wins)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+@functools.cache
+def _yaml_loader() -> tuple[type, type]:
+    """(the job files' YAML loader, the error it raises for what it refuses).
+
+    SafeLoader that refuses anchors and aliases while composing, before anything is built from them
+    (a few hundred bytes of nested aliases expand to gigabytes), and mappings that name a key twice.
+    """
+    import yaml
+
+    class Refused(yaml.MarkedYAMLError):
+        """An anchor, an alias or a duplicate key: reported as it is, not as a syntax error."""
+
+    class JobLoader(yaml.SafeLoader):
+        line_offset = 0  # lines of the file before the text read (messages give file lines)
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                raise Refused(problem=f"YAML alias *{_cap(event.anchor, 40)} refused: anchors and aliases are not "
+                              "supported in job files (they can expand a small file into a huge value); write the "
+                              "value out", problem_mark=event.start_mark)
+            if getattr(event, "anchor", None) is not None:
+                raise Refused(problem=f"YAML anchor &{_cap(event.anchor, 40)} refused: anchors and aliases are not "
+                              "supported in job files (they can expand a small file into a huge value); write the "
+                              "value out", problem_mark=event.start_mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                first: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        seen = first.get(key)
+                    except TypeError:  # an unhashable key: the constructor says so itself
+                        continue
+                    if seen is not None:
+                        raise Refused(problem=f"duplicate key {short(key)} (first given on line {seen}): a key may "
+                                      "appear once in a mapping", problem_mark=key_node.start_mark)
+                    first[key] = key_node.start_mark.line + 1 + self.line_offset
+            return super().construct_mapping(node, deep=deep)
+
+    return JobLoader, Refused
+
+
+def _load_yaml(text: str, line_offset: int = 0) -> tuple[Any, Any]:
+    """(the root node, the data) of one YAML document (`line_offset` lines into the file), read with the
+    job files' loader."""
+    loader_class, _ = _yaml_loader()
+    loader = loader_class(text)
+    loader.line_offset = line_offset
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return node, data
+
+
 def _read_yaml(text: str) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
     import yaml
 
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
+        root, data = _load_yaml(text)
+    except (yaml.YAMLError, RecursionError):
         return _read_yaml_chunks(text)
     if root is None:
         return {}, [], []
@@ -268,8 +424,8 @@ def _read_yaml(text: str) -> tuple[dict[str, Any], list[Entry], list[Problem]]:
                 else:
                     items, nodes = data["jobs"], value_node.value
             else:
-                problems.append(Problem(key_node.start_mark.line + 1,
-                                        f"unknown top-level key {key!r}; a YAML job file has 'defaults' and 'jobs'"))
+                problems.append(Problem(key_node.start_mark.line + 1, f"unknown top-level key {short(key)}; a YAML "
+                                        "job file has 'defaults' and 'jobs'"))
     else:
         return {}, [], [Problem(1, "a YAML job file is a list of jobs or a mapping with 'defaults' and 'jobs'")]
     entries = [Entry(node.start_mark.line + 1, item) for item, node in zip(items, nodes)]
@@ -292,7 +448,13 @@ def _read_yaml_chunks(text: str) -> tuple[dict[str, Any], list[Entry], list[Prob
     if not any(h in ("defaults", "jobs") for h, _, _ in sections):  # a bare list: items at column 0
         sections = [("jobs", -1, len(lines))]
     problems: list[Problem] = []
+    first: dict[str, int] = {}
     for head, start, end in sections:
+        if head in ("defaults", "jobs") and head in first:
+            problems.append(Problem(start + 1, f"duplicate top-level key {head!r} (first given on line "
+                                               f"{first[head]}); this one is not read"))
+            continue
+        first.setdefault(head, start + 1)
         if head == "defaults":
             chunks.append(("defaults", start, end))
         elif head == "jobs" or head.startswith("-"):
@@ -305,7 +467,7 @@ def _read_yaml_chunks(text: str) -> tuple[dict[str, Any], list[Entry], list[Prob
             for n, i in enumerate(starts):
                 chunks.append(("job", i, starts[n + 1] if n + 1 < len(starts) else end))
         else:
-            problems.append(Problem(start + 1, f"unknown top-level key {head!r} (or a YAML syntax error on it)"))
+            problems.append(Problem(start + 1, f"unknown top-level key {short(head)} (or a YAML syntax error on it)"))
     defaults: dict[str, Any] = {}
     entries: list[Entry] = []
     for kind, start, end in chunks:
@@ -313,12 +475,16 @@ def _read_yaml_chunks(text: str) -> tuple[dict[str, Any], list[Entry], list[Prob
         if kind == "job":
             piece = _dedent(lines[start:end])
         try:
-            value = yaml.safe_load(piece)
+            value = _load_yaml(piece, start)[1]
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
             at = start + 1 + (mark.line if mark is not None else 0)
             what = getattr(err, "problem", None) or str(err).splitlines()[0]
-            problems.append(Problem(at, f"YAML syntax error: {what}"))
+            refused = isinstance(err, _yaml_loader()[1])
+            problems.append(Problem(at, what if refused else f"YAML syntax error: {what}"))
+            continue
+        except RecursionError:
+            problems.append(Problem(start + 1, "YAML nesting too deep"))
             continue
         if kind == "defaults":
             value = (value or {}).get("defaults") if isinstance(value, dict) else None
@@ -336,7 +502,7 @@ def _read_yaml_chunks(text: str) -> tuple[dict[str, Any], list[Entry], list[Prob
 
 def _check_defaults(defaults: dict[str, Any], line: int) -> list[Problem]:
     valid = ", ".join(DEFAULT_KEYS)
-    return [Problem(line, f"unknown key {k!r} in defaults{_close(k, DEFAULT_KEYS)}; valid keys: {valid}")
+    return [Problem(line, f"unknown key {short(k)} in defaults{_close(k, DEFAULT_KEYS)}; valid keys: {valid}")
             for k in defaults if k not in DEFAULT_KEYS]
 
 
@@ -346,7 +512,9 @@ def _dedent(lines: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------- planning
-def _close(word: str, choices: Sequence[str]) -> str:
+def _close(word: Any, choices: Sequence[str]) -> str:
+    if not isinstance(word, str) or len(word) > 100:
+        return ""
     near = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {near[0]!r}?)" if near else ""
 
@@ -355,45 +523,84 @@ def _slug(text: str, limit: int = 40) -> str:
     return _SLUG_RE.sub("-", text).strip("-").lower()[:limit].strip("-") or "image"
 
 
-def _as_int(value: Any, what: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
-def _size(spec: dict[str, Any], default: tuple[int | None, int | None]) -> tuple[int | None, int | None]:
+def _size(spec: dict[str, Any], default: tuple[int | None, int | None],
+          stride: int | None = None) -> tuple[int | None, int | None]:
+    """(height, width) of a job: `size` (an int, [height, width] or "HxW") or `height` / `width`, each side an
+    int in 1 .. 8192 and, when the model is known (`stride`), a multiple of its stride; else `default`."""
     size = spec.get("size")
     if size is not None and ("height" in spec or "width" in spec):
         raise ValueError("give either size or height/width, not both")
     if size is None:
-        h, w = spec.get("height", default[0]), spec.get("width", default[1])
-    elif isinstance(size, int) and not isinstance(size, bool):
+        h = spec.get("height", default[0])
+        w = spec.get("width", default[1])
+        names = ("height", "width")
+    elif isinstance(size, bool):
+        raise InputError("size", size, "an integer, [height, width] or 'HxW'")
+    elif isinstance(size, int):
         h = w = size
-    elif isinstance(size, str) and re.fullmatch(r"\d+x\d+", size):
+        names = ("size", "size")
+    elif isinstance(size, str) and re.fullmatch(r"\d{1,9}x\d{1,9}", size):
         h, w = (int(v) for v in size.split("x"))
+        names = ("size (height)", "size (width)")
     elif isinstance(size, (list, tuple)) and len(size) == 2:
         h, w = size
+        names = ("size[0] (height)", "size[1] (width)")
     else:
-        raise ValueError(f"size must be an int, [height, width] or 'HxW', got {size!r}")
-    return (None if h is None else _as_int(h, "height", 1)), (None if w is None else _as_int(w, "width", 1))
+        raise InputError("size", size, "an integer, [height, width] or 'HxW'")
+    return (None if h is None else validate.side(names[0], h, stride),
+            None if w is None else validate.side(names[1], w, stride))
 
 
 def _seeds(spec: dict[str, Any]) -> list[int]:
+    """The seeds of a job: a list of distinct seeds, or a count (`seeds: N`) from `seed` (default 0);
+    every seed in 0 .. 2**32 - 1 (past it torch's generator would repeat another seed's noise)."""
     seeds = spec.get("seeds")
     if isinstance(seeds, list):
         if "seed" in spec and seeds:
             raise ValueError("give either a seeds list or seed (+ a seeds count), not both")
         if not seeds:
             raise ValueError("seeds is an empty list")
-        out = [_as_int(s, "each seed", 0) for s in seeds]
+        if len(seeds) > SEEDS_COUNT_MAX:
+            raise InputError("seeds", seeds, f"a list of at most {SEEDS_COUNT_MAX} seeds",
+                             shown=f"a list of {len(seeds)} seeds")
+        out = [validate.seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
         if len(set(out)) != len(out):
-            raise ValueError(f"seeds has repeated values: {out}")
+            again = next(s for i, s in enumerate(out) if s in out[:i])
+            raise InputError("seeds", seeds, "a list of distinct seeds", note=f"{again} is given twice")
         return out
-    base = _as_int(spec.get("seed", 0), "seed", 0)
-    count = _as_int(seeds if seeds is not None else 1, "seeds (a count)", 1)
+    count = 1
+    if seeds is not None:
+        try:
+            count = validate.integer("seeds", seeds, 1, SEEDS_COUNT_MAX)
+        except InputError:
+            raise InputError("seeds", seeds, f"a count from 1 to {SEEDS_COUNT_MAX} or a list of distinct seeds from 0 "
+                             f"to {validate.SEED_MAX}") from None
+    base = validate.seed("seed", spec.get("seed", 0))
+    if base + count - 1 > validate.SEED_MAX:
+        raise InputError("seed", base, f"at most {validate.SEED_MAX - count + 1} for {count} seeds (image i uses "
+                         f"seed + i, at most {validate.SEED_MAX})")
     return [base + i for i in range(count)]
+
+
+def check_overrides(overrides: dict[str, Any] | None, stride: int | None = None) -> dict[str, Any]:
+    """The command-line values (`--steps`, `--guidance`, `--height`, `--width`, `--seeds`, `--negative-prompt`)
+    checked as a job's are, named by their flag; returns the ones that are set."""
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = [k for k in cli if k not in ("steps", "guidance", "height", "width", "negative_prompt", "seeds")]
+    if unknown:
+        raise InputError("overrides", unknown[0], "steps, guidance, height, width, negative_prompt or seeds")
+    if "steps" in cli:
+        validate.integer("--steps", cli["steps"], 1, validate.STEPS_MAX)
+    if "guidance" in cli:
+        validate.number("--guidance", cli["guidance"], 0.0, validate.GUIDANCE_MAX)
+    for side in ("height", "width"):
+        if side in cli:
+            validate.side(f"--{side}", cli[side], stride)
+    if "seeds" in cli:
+        validate.integer("--seeds", cli["seeds"], 1, SEEDS_COUNT_MAX)
+    if "negative_prompt" in cli:
+        validate.text("--negative-prompt", cli["negative_prompt"], empty=True)
+    return cli
 
 
 def _control_specs(value: Any) -> list[dict[str, Any]]:
@@ -408,7 +615,7 @@ def _control_specs(value: Any) -> list[dict[str, Any]]:
         if isinstance(item, str):
             item = {"name": item}
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise ValueError(f"each control is an object with a 'name' and its options, got {item!r}")
+            raise ValueError(f"each control is an object with a 'name' and its options, got {short(item)}")
         specs.append(dict(item))
     return specs
 
@@ -494,6 +701,7 @@ def plan(
     prompts (a word not in the prompt, a bad box, a size the model cannot take), with no denoising.
     """
     load_methods()
+    cli = check_overrides(overrides, pipe.pixel_stride if pipe is not None else None)
     defaults, entries, problems = read_jobs(path)
     result = Plan(problems=list(problems), jobs=len(entries))
     result.model = model or defaults.get("model")
@@ -506,8 +714,8 @@ def plan(
     if concepts is not None:  # other weights, other images: the key names the concepts' contents
         ident = f"{result.model}+concepts:{_file_digest(concepts)}"
     file_defaults = {k: v for k, v in defaults.items() if k in DEFAULT_KEYS and k not in ("model", "concepts")}
-    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
     base = Path(path).resolve().parent
+    native = pipe.default_size() if pipe is not None else None
     seen: set[str] = set()
     for entry in entries:
         try:
@@ -518,6 +726,10 @@ def plan(
         except Exception as err:  # e.g. a control given an option of the wrong type
             result.problems.append(Problem(entry.line, f"{type(err).__name__}: {err}"))
             continue
+        if native is not None and units:
+            far = _far_from_native(units[0].settings, native)
+            if far:
+                result.warnings.append(Problem(entry.line, far))
         for u in units:
             if u.key in seen:
                 result.duplicates += 1
@@ -526,6 +738,18 @@ def plan(
             result.units.append(u)
     result.problems.sort(key=lambda p: p.line)
     return result
+
+
+def _far_from_native(settings: dict[str, Any], native: tuple[int, int]) -> str | None:
+    """A warning when a job's size is far (more than `SIZE_FAR`x per side) from the model's native size."""
+    h, w = settings.get("height"), settings.get("width")
+    nh, nw = native
+    if not (h and w and nh and nw):
+        return None
+    if all(1 / SIZE_FAR <= got / want <= SIZE_FAR for got, want in ((h, nh), (w, nw))):
+        return None
+    return (f"size {h}x{w} (H x W) is far from this model's native {nh}x{nw}: expect a slow run and poor images "
+            f"(e.g. noise); for this model use size: [{nh}, {nw}] or --height {nh} --width {nw}")
 
 
 def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
@@ -555,7 +779,7 @@ def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str 
         hint = (" (the model is chosen once per run: --model or defaults)" if k == "model" else
                 " (concepts are loaded with the model, once per run: put them in defaults)" if k == "concepts" else
                 _close(k, JOB_KEYS))
-        raise ValueError(f"unknown key {k!r}{hint}; valid keys: {', '.join(JOB_KEYS)}")
+        raise ValueError(f"unknown key {short(k)}{hint}; valid keys: {', '.join(JOB_KEYS)}")
     edit, refs = "image" in job, "references" in job
     if edit and refs:
         raise ValueError("a job is either a real-image edit (image) or IR-Diffusion (references), not both")
@@ -565,25 +789,32 @@ def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str 
         fixed = [k for k in ("seed", "seeds", "size", "height", "width", "together") if k in job]
         if fixed:
             raise ValueError(f"an edit job takes its size and noise from its image: drop {fixed[0]!r}")
-    spec = _merge(file_defaults, cli, job)
+        forced = [f"--{k}" for k in ("height", "width") if k in cli]
+        if forced:
+            raise ValueError(f"an edit job takes its size from its image, so {forced[0]} (which sets every job's size) "
+                             "cannot apply to it: run edit jobs without --height/--width")
+    size_flags = {k: cli[k] for k in ("height", "width") if k in cli}  # --height/--width override every job's size
+    spec = _merge(file_defaults, {k: v for k, v in cli.items() if k not in size_flags}, job)
     if ("prompt" in job) == ("prompts" in job):
         raise ValueError("a job needs exactly one of prompt (a string) or prompts (a list of strings)")
     prompts = [job["prompt"]] if "prompt" in job else job["prompts"]
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError("prompt must be a non-empty string, prompts a non-empty list of them")
+        name = "prompt" if "prompt" in job else "prompts"
+        raise InputError(name, job[name], "a non-empty string" if name == "prompt" else
+                         "a non-empty list of non-empty strings")
     job_id = job.get("id")
-    if job_id is not None and (not isinstance(job_id, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", job_id)):
-        raise ValueError(f"id must be letters, digits, '.', '_' or '-', got {job_id!r}")
+    if job_id is not None and (not isinstance(job_id, str) or len(job_id) > ID_MAX
+                               or not re.fullmatch(r"[A-Za-z0-9._-]+", job_id)):
+        raise InputError("id", job_id, f"1 to {ID_MAX} letters, digits, '.', '_' or '-'")
     seeds = [0] if edit else _seeds(spec)  # an edit starts from its image's inverted noise
     negative = spec.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        raise ValueError(f"negative_prompt must be a string, got {negative!r}")
+    if negative is not None:
+        validate.text("negative_prompt", negative, empty=True)
     maps = spec.get("maps", False)
     if not (isinstance(maps, bool) or (isinstance(maps, list) and all(isinstance(w, str) for w in maps))):
-        raise ValueError(f"maps must be true/false or a list of words, got {maps!r}")
+        raise InputError("maps", maps, "true/false or a list of words")
     together = True if edit or refs else spec.get("together", False)
-    if not isinstance(together, bool):
-        raise ValueError(f"together must be true or false, got {together!r}")
+    validate.flag("together", together)
     if together and len(prompts) < 2 and not (edit or refs):
         raise ValueError("together needs at least two prompts (the first is the source of the others)")
     specs = _control_specs(spec.get("controls"))
@@ -594,15 +825,15 @@ def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str 
         _spec_files(s, base, f"controls[{i}]", files)  # every file named is there and readable
     controls, _ = build_controls(specs, maps, base)  # unknown names/options, bad option values
     recommended = pipe.recommended() if pipe is not None else {}
-    height, width = _size(spec, (recommended.get("height"), recommended.get("width")))
+    stride = pipe.pixel_stride if pipe is not None else None
+    height, width = _size(spec, (recommended.get("height"), recommended.get("width")), stride)
+    height, width = size_flags.get("height", height), size_flags.get("width", width)
     steps = spec.get("steps", recommended.get("steps"))
     if steps is not None:
-        steps = _as_int(steps, "steps", 1)
+        steps = validate.steps(steps)
     guidance = spec.get("guidance", recommended.get("guidance"))
     if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-            raise ValueError(f"guidance must be a number, got {guidance!r}")
-        guidance = float(guidance)
+        guidance = validate.guidance(guidance)
     settings: dict[str, Any] = {
         "steps": steps,
         "guidance": guidance,
@@ -615,7 +846,7 @@ def _expand(entry: Entry, file_defaults: dict, cli: dict, pipe: Any, model: str 
     if edit:
         source = job.get("source_prompt", "")
         if not isinstance(source, str):
-            raise ValueError(f"source_prompt must be a string (what the image shows), got {source!r}")
+            raise InputError("source_prompt", source, "a string (what the image shows)")
         settings["height"], settings["width"] = _edit_size(_input_file(base, job["image"], "image", files), pipe)
         settings["image"] = job["image"]
         prompts = [source, *prompts]
@@ -682,39 +913,39 @@ def _references(block: Any, scene: str, settings: dict[str, Any], pipe: Any, bas
         raise ValueError("references must be a mapping: {prompts: [...], subjects: [...], boxes, images, options}")
     unknown = [k for k in block if k not in REFERENCE_KEYS]
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} in references{_close(unknown[0], REFERENCE_KEYS)}; "
+        raise ValueError(f"unknown key {short(unknown[0])} in references{_close(unknown[0], REFERENCE_KEYS)}; "
                          f"valid keys: {', '.join(REFERENCE_KEYS)}")
     refs, subjects = block.get("prompts"), block.get("subjects")
     if not isinstance(refs, list) or not refs or not all(isinstance(p, str) and p.strip() for p in refs):
         raise ValueError("references.prompts must be a non-empty list of prompts, one per subject")
     if not isinstance(subjects, list) or len(subjects) != len(refs) or not all(isinstance(w, str) for w in subjects):
         raise ValueError(f"references.subjects must list one word per reference prompt ({len(refs)}), "
-                         f"got {subjects!r}")
+                         f"got {short(subjects)}")
     out: dict[str, Any] = {"prompts": refs, "subjects": subjects}
     boxes = block.get("boxes")
     if boxes is not None:
         if not isinstance(boxes, list) or len(boxes) != len(refs):
-            raise ValueError(f"references.boxes must give one scene box per subject ({len(refs)}), got {boxes!r}")
+            raise ValueError(f"references.boxes must give one scene box per subject ({len(refs)}), got {short(boxes)}")
         out["boxes"] = [list(b) for b in check_boxes(boxes, "references.boxes")]
     images = block.get("images")
     if images is not None:
         if not isinstance(images, list) or len(images) != len(refs):
             raise ValueError(f"references.images must give one photo per reference prompt ({len(refs)}), "
-                             f"got {images!r}")
+                             f"got {short(images)}")
         for i, name in enumerate(images):
             found = _input_file(base, name, f"references.images[{i}]", files)
             if settings["height"] is not None and pipe is not None:
                 h, w = _edit_size(found, pipe)
                 if (h, w) != (settings["height"], settings["width"]):
-                    raise ValueError(f"references.images[{i}] {name!r} is {w}x{h} (W x H) but the scene is "
+                    raise ValueError(f"references.images[{i}] {short(name)} is {w}x{h} (W x H) but the scene is "
                                      f"{settings['width']}x{settings['height']}: give photos of the scene's size")
         out["images"] = list(images)
     options = block.get("options", {})
     if not isinstance(options, dict):
-        raise ValueError(f"references.options must be a mapping of RepositionAttention options, got {options!r}")
+        raise ValueError(f"references.options must be a mapping of RepositionAttention options, got {short(options)}")
     placed = [k for k in options if k.startswith(("target_", "reference_"))]
     if placed:
-        raise ValueError(f"references.options: {placed[0]!r} is set from references (boxes) or the subjects' "
+        raise ValueError(f"references.options: {short(placed[0])} is set from references (boxes) or the subjects' "
                          "attention; drop it")
     full = [[0.0, 0.0, 1.0, 1.0]] * len(refs)
     make_control("reposition", {**options, "target_boxes": full, "reference_boxes": full})  # bad names/values
@@ -822,15 +1053,45 @@ def make_batches(units: list[Unit], batch_size: int) -> list[list[Unit]]:
 
 # ----------------------------------------------------------------------------------- the outputs
 def is_complete(out: Path, unit: Unit) -> bool:
-    """The sidecar is written last, so a readable sidecar with this key marks a finished image."""
+    """The sidecar is written last, so a readable sidecar with this key marks a finished image, when
+    the image (and its maps grid) on disk are still the ones it describes (`intact`)."""
     side = out / f"{unit.stem}.json"
     try:
         data = json.loads(side.read_text())
     except (OSError, ValueError):
         return False
-    if data.get(SIDECAR_TAG) != unit.key or not (out / f"{unit.stem}.png").is_file():
+    return isinstance(data, dict) and data.get(SIDECAR_TAG) == unit.key and intact(out, unit.stem, data)
+
+
+def intact(out: Path, stem: str, sidecar: dict[str, Any]) -> bool:
+    """The PNG `stem`.png (and the maps grid the sidecar names) are whole: their bytes match the sha256
+    the sidecar holds, or, for a sidecar written before hashes were stored, they decode completely."""
+    files = [(out / f"{stem}.png", sidecar.get("png_sha256"))]
+    if sidecar.get("maps_file"):
+        maps = sidecar["maps_file"]
+        if not isinstance(maps, str) or Path(maps).name != maps:
+            return False
+        files.append((out / maps, sidecar.get("maps_sha256")))
+    return all(_file_intact(path, digest) for path, digest in files)
+
+
+def _file_intact(path: Path, digest: Any) -> bool:
+    try:
+        data = path.read_bytes()
+    except OSError:
         return False
-    return not data.get("maps_file") or (out / data["maps_file"]).is_file()
+    if digest is not None:
+        return isinstance(digest, str) and hashlib.sha256(data).hexdigest() == digest
+    from PIL import Image
+
+    try:  # verify: chunk CRCs up to IEND; load: every pixel (neither alone catches every truncation)
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception:
+        return False
+    return True
 
 
 def _manifest_row(sidecar: dict[str, Any]) -> dict[str, Any]:
@@ -847,7 +1108,8 @@ def _manifest_row(sidecar: dict[str, Any]) -> dict[str, Any]:
 
 
 def _complete_sidecars(out: Path) -> dict[str, dict[str, Any]]:
-    """stem -> sidecar of every finished image in `out`."""
+    """stem -> sidecar of every image in `out` whose sidecar was written (and its files are there), for the
+    manifest; whether an image is skipped is decided by `is_complete`, which also checks its bytes."""
     found = {}
     for side in sorted(out.glob("*.json")):
         try:
@@ -857,18 +1119,32 @@ def _complete_sidecars(out: Path) -> dict[str, dict[str, Any]]:
         if not isinstance(data, dict) or SIDECAR_TAG not in data:
             continue
         maps = data.get("maps_file")
-        if (out / f"{side.stem}.png").is_file() and (not maps or (out / maps).is_file()):
+        if (out / f"{side.stem}.png").is_file() and (not maps or (out / str(maps)).is_file()):
             found[side.stem] = data
     return found
 
 
+def _temp_name(path: Path) -> Path:
+    """A temp name beside `path`, unique to this process and call (`recover` removes leftovers)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Temp name, flushed to disk, renamed: after a kill or a power cut the file is whole or absent."""
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _write_bytes(path, text.encode())
 
 
 def rebuild_manifest(out: Path, units: Sequence[Unit] = ()) -> int:
@@ -886,8 +1162,9 @@ def rebuild_manifest(out: Path, units: Sequence[Unit] = ()) -> int:
 
 
 def recover(out: Path) -> bool:
-    """Before a run: drop temp files of a killed run and rebuild the manifest when it does not list
-    exactly the finished images (cut short, a torn last line, duplicates). True if rebuilt."""
+    """Before a run (holding the folder's lock, so no other run writes here): drop temp files of a
+    killed run and rebuild the manifest when it does not list exactly the finished images (cut
+    short, a torn last line, duplicates). True if rebuilt."""
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
@@ -921,6 +1198,130 @@ def append_manifest(out: Path, row: dict[str, Any]) -> None:
         os.close(fd)
 
 
+class OutputBusy(RuntimeError):
+    """Another run holds the output folder's lock."""
+
+
+class OutputLock:
+    """An exclusive `flock` on `out/.attnedit-batch.lock` for one run (one per `accelerate launch`: the main
+    process takes it for all). Refuses at once (`OutputBusy`) when another run holds it; the file is
+    removed when the run ends, and a lock taken on a file removed meanwhile is taken again on the new one."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.path = self.out / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        import fcntl
+
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ValueError(f"--out {self.out}: cannot write in this folder ({err.strerror or err})") from None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # held by another run
+                holder = os.read(fd, 200).decode(errors="replace").strip()
+                os.close(fd)
+                raise OutputBusy(f"another attnedit batch run ({holder or 'its pid not written yet'}) is writing "
+                                 f"into {self.out}; wait until it ends, or give another --out (its lock: {self.path})"
+                                 ) from None
+            except OSError as err:  # a file system without flock (some network mounts): run unlocked, say so
+                import warnings
+
+                warnings.warn(f"cannot lock {self.path} ({err.strerror or err}): a second run into {self.out} "
+                              "at the same time would not be detected", stacklevel=2)
+                break
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the run that held it ended and removed the file: lock the new one
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        import fcntl
+
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # still holding it: a run that opened the old file retries on a new one
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class Interrupted(BaseException):
+    """Raised inside the denoising of a batch when SIGTERM / SIGINT arrives: the batch is abandoned."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM and SIGINT during a run (main thread only): the first one abandons the batch being
+    denoised (`Interrupted` from inside `abortable`) or, elsewhere, stops the run before the next
+    batch; a second one acts as the signal would without this handler (ends the process)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._abortable = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # asked twice: stop now (writes are atomic, a rerun resumes)
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        if self._abortable:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def abortable(self) -> Iterator[None]:
+        if self.received is not None:
+            raise Interrupted(self.received)
+        self._abortable += 1
+        try:
+            yield
+        finally:
+            self._abortable -= 1
+
+
 # ------------------------------------------------------------------------------------- the run
 def _distributed_state(cpu: bool | None = None):
     """accelerate's process state (one process without a launcher); CPU-only machines use gloo."""
@@ -938,9 +1339,11 @@ class Runner:
 
     Files are written by one background thread while the next batch denoises (PNG encoding and
     fsync cost as much as a small model's forward passes); at most one batch waits to be written.
+    With `signals` (a `StopSignals`), SIGTERM / SIGINT abandon the batch being denoised (`Interrupted`).
     """
 
-    def __init__(self, pipe: Any, out: Path, model: str, progress: Any = None) -> None:
+    def __init__(self, pipe: Any, out: Path, model: str, progress: Any = None,
+                 signals: StopSignals | None = None, complete: set[str] | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from .pipeline import versions
@@ -950,6 +1353,8 @@ class Runner:
         self.model = model
         self.versions = versions()
         self.progress = progress
+        self.signals = signals
+        self.complete = complete  # keys of the images found complete before the run (else checked per batch)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnedit-batch-writer")
         self._writing: Any = None
 
@@ -970,16 +1375,18 @@ class Runner:
             self._writing = None
 
     def run(self, batch: list[Unit], summary: Summary) -> None:
-        todo = [u for u in batch if not is_complete(self.out, u)]
+        todo = [u for u in batch if not (u.key in self.complete if self.complete is not None
+                                         else is_complete(self.out, u))]
         summary.skipped += len(batch) - len(todo)
         self._tick(len(batch) - len(todo))
         if not todo:
             return
         try:
-            files = self._generate(batch, todo)
+            with self.signals.abortable() if self.signals is not None else contextlib.nullcontext():
+                files = self._generate(batch, todo)
         except Exception as err:  # a control that raises: isolate it, the others go on
             if len(batch) == 1 or batch[0].group:  # a group only makes sense as a whole
-                summary.failed += [(u.line, u.stem, f"{type(err).__name__}: {err}") for u in todo]
+                summary.failed += [(u.line, u.stem, _cap(f"{type(err).__name__}: {err}")) for u in todo]
                 self._tick(len(todo))
                 return
             for u in todo:
@@ -998,6 +1405,8 @@ class Runner:
         controls, store = build_controls(s["controls"], s["maps"], base)
         common = dict(steps=s["steps"], guidance=s["guidance"], negative_prompt=s["negative_prompt"])
         if "image" in s:  # real-image edit: the source (reconstruction) and its targets from the inverted image
+            if common["negative_prompt"] is None:
+                del common["negative_prompt"]
             result = self.pipe.edit(_resolve(base, s["image"]), batch[0].prompt, [u.prompt for u in batch[1:]],
                                     control=controls[0], controls=controls[1:], **common)
         elif "references" in s:  # IR-Diffusion: references, then the scene
@@ -1046,17 +1455,17 @@ class Runner:
         return files
 
     def _write(self, files: list[tuple[Unit, Any, Any, dict[str, Any]]], summary: Summary) -> None:
-        """Maps grid, PNG, then sidecar (the completion mark), then the manifest line."""
+        """Maps grid, PNG, then sidecar (the completion mark, with the PNGs' sha256), then the manifest line."""
         for u, image, grid, sidecar in files:
             try:
                 if grid is not None:
-                    _write_png(self.out / sidecar["maps_file"], grid)
-                _write_png(self.out / sidecar["image"], image)
+                    sidecar["maps_sha256"] = _write_png(self.out / sidecar["maps_file"], grid)
+                sidecar["png_sha256"] = _write_png(self.out / sidecar["image"], image)
                 _write_atomic(self.out / f"{u.stem}.json", json.dumps(sidecar, indent=2, default=str))
                 append_manifest(self.out, _manifest_row(sidecar))
                 summary.done += 1
             except Exception as err:  # disk full, permissions: reported, the run goes on
-                summary.failed.append((u.line, u.stem, f"writing failed: {type(err).__name__}: {err}"))
+                summary.failed.append((u.line, u.stem, _cap(f"writing failed: {type(err).__name__}: {err}")))
             self._tick(1)
 
     def _tick(self, n: int) -> None:
@@ -1064,14 +1473,13 @@ class Runner:
             self.progress.update(n)
 
 
-def _write_png(path: Path, image: Any) -> None:
-    """Temp name, flushed to disk, renamed: after a kill or a power cut the file is whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        image.save(fh, format="PNG")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _write_png(path: Path, image: Any) -> str:
+    """`image` as a PNG at `path`, written atomically (`_write_bytes`); returns the sha256 of its bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    _write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def run_batch(
@@ -1091,18 +1499,22 @@ def run_batch(
     """Run a job file into `out` (resuming what is there); returns this run's `Summary`.
 
     Under `accelerate launch` each process takes its share of the batches; every process returns
-    the merged summary. `pipe` reuses a loaded `EditPipeline` (single process only).
+    the merged summary. `pipe` reuses a loaded `EditPipeline` (single process only). `overrides`
+    are the command-line values by name (steps, guidance, height, width, negative_prompt, seeds).
+    Raises `OutputBusy` when another run holds `out`. SIGTERM / SIGINT (main thread) end the run
+    early with `Summary.interrupted` set: the batch in flight is abandoned, written images stay.
     """
     from .pipeline import DEFAULT_MODEL, load
 
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    validate.integer("batch_size", batch_size, 1)
+    check_overrides(overrides)
     log = log or sys.stderr
     start = time.perf_counter()
     state = _distributed_state()
-    rank, world = state.process_index, state.num_processes
     main = state.is_main_process
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give an output folder")
     model_name = model or (file_model(jobs) if pipe is None else getattr(pipe, "model_name", None)) or DEFAULT_MODEL
     if pipe is None:  # a given pipe must already carry the file's concepts
         pipe = load(model_name, device=device or state.device, dtype=dtype, **_load_options(jobs))
@@ -1111,33 +1523,90 @@ def run_batch(
     if main:
         for p in the_plan.problems:
             print(f"{jobs}:{p.line}: {p.message}" + ("" if strict else " (skipped)"), file=log)
+        for p in the_plan.warnings:
+            print(f"{jobs}:{p.line}: warning: {p.message}", file=log)
     if strict and the_plan.problems:
         summary.seconds = time.perf_counter() - start
         return summary
+    lock = _lock_output(out, state)  # one run per folder: the main process locks it for every process
+    try:
+        with StopSignals() as signals:
+            merged = _run_locked(the_plan, out, pipe, model_name, batch_size, strict, progress, state, signals)
+    finally:
+        if lock is not None:
+            lock.release()
+    merged.invalid, merged.duplicates = the_plan.problems, the_plan.duplicates
+    merged.seconds = time.perf_counter() - start
+    if merged.interrupted and main:
+        print(f"attnedit batch: stopped by {signal.Signals(merged.interrupted).name}: the batch in flight was "
+              f"abandoned, the {merged.done} image(s) written by this run are complete; rerun the same command to "
+              "resume", file=log)
+    return merged
+
+
+def _complete_keys(units: Sequence[Unit], out: Path, state: Any) -> set[str]:
+    """Keys of the images already complete and intact in `out` (`is_complete`: their bytes are read once,
+    by the main process, and the answer shared with the others)."""
+    keys = sorted(u.key for u in units if is_complete(out, u)) if state.is_main_process else None
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        keys = broadcast_object_list([keys], from_process=0)[0]
+    return set(keys or ())
+
+
+def _lock_output(out: Path, state: Any) -> OutputLock | None:
+    """The main process takes the folder's lock; every process learns whether it got it."""
+    lock, busy = None, None
+    if state.is_main_process:
+        try:
+            lock = OutputLock(out).acquire()
+        except OutputBusy as err:
+            busy = str(err)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        busy = broadcast_object_list([busy], from_process=0)[0]
+    if busy is not None:
+        raise OutputBusy(busy)
+    return lock
+
+
+def _run_locked(the_plan: Plan, out: Path, pipe: Any, model_name: str, batch_size: int, strict: bool,
+                progress: bool, state: Any, signals: StopSignals) -> Summary:
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
     if main:
         recover(out)
     state.wait_for_everyone()
     batches = make_batches(the_plan.units, batch_size)
-    pending = [b for b in batches if not all(is_complete(out, u) for u in b)]
+    complete = _complete_keys(the_plan.units, out, state)
+    pending = [b for b in batches if not all(u.key in complete for u in b)]
     state.wait_for_everyone()  # every process has read the same state before anything is written
     local = Summary()
     with state.split_between_processes(pending) as mine:
         bar = _progress_bar(sum(len(b) for b in mine), rank, world, progress)
-        with Runner(pipe, out, model_name, bar) as runner:
+        with Runner(pipe, out, model_name, bar, signals, complete) as runner:
             for batch in mine:
-                runner.run(batch, local)
+                if signals.received is not None:
+                    break
+                try:
+                    runner.run(batch, local)
+                except Interrupted:
+                    break
                 if strict and local.failed:
                     break
+        # leaving the Runner waited for the writer: every image handed to it is on disk
         if bar is not None:
             bar.close()
+    if signals.received is not None:  # no collective step: the other processes may be stopping too
+        local.interrupted = signals.received
+        return local
     if main:  # batches finished before this run: counted once, not by every process
         local.skipped += sum(len(b) for b in batches) - sum(len(b) for b in pending)
     merged = _gather(local, state)
-    merged.invalid, merged.duplicates = the_plan.problems, the_plan.duplicates
     if main:
         rebuild_manifest(out, the_plan.units)
     state.wait_for_everyone()
-    merged.seconds = time.perf_counter() - start
     return merged
 
 
@@ -1169,7 +1638,9 @@ def print_summary(summary: Summary, jobs: str, log: Any = None) -> None:
     print(f"attnedit batch: {summary.done} done, {summary.skipped} skipped (already complete), "
           f"{len(summary.failed)} failed, {len(summary.invalid)} invalid job line(s) "
           + (f"({summary.duplicates} duplicate image(s) made once) " if summary.duplicates else "")
-          + f"in {summary.seconds:.1f}s", file=log)
+          + f"in {summary.seconds:.1f}s"
+          + (f"; stopped early by {signal.Signals(summary.interrupted).name}" if summary.interrupted else ""),
+          file=log)
     for line, stem, reason in summary.failed:
         print(f"  failed {jobs}:{line} {stem}: {reason}", file=log)
     for p in summary.invalid:
@@ -1186,7 +1657,8 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("jobs", help="job file: .jsonl (one job per line) or .yaml/.yml")
-    p.add_argument("--out", default=None, help="output folder (PNG + JSON sidecar per image, manifest.jsonl)")
+    p.add_argument("--out", default=None, help="output folder (PNG + JSON sidecar per image, manifest.jsonl); one "
+                   "run at a time: a second run into a folder in use is refused")
     p.add_argument("--model", default=None, help=f"model for every job (else defaults.model, else {DEFAULT_MODEL})")
     p.add_argument("--validate", action="store_true", help="check every job line and report problems; generate nothing")
     p.add_argument("--strict", action="store_true", help="stop at the first bad job line or failed image")
@@ -1195,8 +1667,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
     p.add_argument("--steps", type=int, default=None, help="steps for jobs that do not set them")
     p.add_argument("--guidance", type=float, default=None, help="guidance for jobs that do not set it")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None,
+                   help="image height for EVERY job: overrides the job's and the defaults' size (an edit job, "
+                        "sized by its image, is refused with it)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width for EVERY job: overrides the job's and the defaults' size (an edit job, "
+                        "sized by its image, is refused with it)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seeds", type=int, default=None, help="images per prompt (seeds 0..N-1) for jobs without seeds")
     p.add_argument("--threads", type=int, default=None,
@@ -1206,23 +1682,47 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    """Exit status: 0 all made, 1 a failed image or a bad line, 2 a bad argument / --strict with bad lines
+    / the output folder busy, 128 + signal when stopped by SIGTERM (143) or SIGINT (130)."""
     overrides = {"steps": args.steps, "guidance": args.guidance, "height": args.height, "width": args.width,
                  "negative_prompt": args.negative_prompt, "seeds": args.seeds}
+    _check_args(args, overrides)
     if args.validate:
         return _validate(args, overrides)
-    if not args.out:
-        raise ValueError("--out is required (or use --validate)")
+    if args.out is None or not str(args.out).strip():
+        raise ValueError("--out is required: the output folder (or use --validate)")
     if args.threads is not None:
         import torch
 
-        torch.set_num_threads(max(1, args.threads))
-    summary = run_batch(args.jobs, args.out, model=args.model, batch_size=args.batch_size, overrides=overrides,
-                        strict=args.strict, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+        torch.set_num_threads(args.threads)
+    try:
+        summary = run_batch(args.jobs, args.out, model=args.model, batch_size=args.batch_size, overrides=overrides,
+                            strict=args.strict, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    except OutputBusy as err:
+        if _distributed_state().is_main_process:
+            print(f"attnedit batch: error: {err}", file=sys.stderr)
+        return 2
     if _distributed_state().is_main_process:
         print_summary(summary, args.jobs)
+    if summary.interrupted:
+        return summary.exit_status
     if args.strict and summary.invalid:
         return 2
-    return 0 if summary.ok else 1
+    return summary.exit_status
+
+
+def _check_args(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """Every flag checked before a model is loaded (the job file's values are checked by `plan`)."""
+    check_overrides(overrides)
+    validate.integer("--batch-size", args.batch_size, 1)
+    if args.threads is not None:
+        validate.integer("--threads", args.threads, 1, 4096)
+    if args.dtype is not None:
+        validate.choice("--dtype", args.dtype, validate.DTYPES)
+    if args.device is not None:
+        validate.device(args.device)
+    if args.model is not None:
+        validate.text("--model", args.model)
 
 
 def _validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -1231,8 +1731,11 @@ def _validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     model = args.model or file_model(args.jobs) or DEFAULT_MODEL
     pipe = load(model, device=args.device or "cpu", dtype=args.dtype, **_load_options(args.jobs))
     result = plan(args.jobs, pipe, overrides, model)
-    for p in result.problems:
-        print(f"{args.jobs}:{p.line}: {p.message}")
+    lines = [(p.line, "", p.message) for p in result.problems] + [(p.line, "warning: ", p.message)
+                                                                   for p in result.warnings]
+    for line, kind, message in sorted(lines, key=lambda x: x[0]):
+        print(f"{args.jobs}:{line}: {kind}{message}")
     print(f"{result.jobs} job(s), {len(result.units)} image(s), {len(result.problems)} problem(s)"
+          + (f", {len(result.warnings)} warning(s)" if result.warnings else "")
           + (f", {result.duplicates} duplicate image(s) merged" if result.duplicates else ""))
     return 1 if result.problems else 0

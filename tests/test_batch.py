@@ -171,7 +171,7 @@ def test_yaml_problems_have_the_line_of_their_job(tmp_path):
     result = batch.plan(path)
     assert [(p.line, p.message) for p in result.problems] == [
         (1, "unknown top-level key 'jobz'; a YAML job file has 'defaults' and 'jobs'"),
-        (5, "seeds (a count) must be >= 1, got -1"),
+        (5, "seeds must be a count from 1 to 100000 or a list of distinct seeds from 0 to 4294967295, got -1"),
         (7, "maps must be true/false or a list of words, got 3")]
     assert [u.line for u in result.units] == [3]
 
@@ -220,7 +220,7 @@ def test_validate_checks_words_boxes_controls_and_writes_nothing(tmp_path, capsy
     assert f"{path}:2: word 'zebra' is not in the prompt; its words are: a, cat, on, a, mat" in out
     assert f"{path}:3: unknown option 'wordz'" in out
     assert f"{path}:4: unknown control 'nope'" in out
-    assert f"{path}:5: image size 60x60 is not a multiple of 8" in out
+    assert f"{path}:5: size must be a multiple of 8 for this model" in out and "got 60; e.g. 56 or 64" in out
     assert f"{path}:6: word 'dog' is not in the prompt" in out
     if "bounded" in CONTROLS:
         assert f"{path}:7: " in out and "box" in out.split(f"{path}:7: ")[1].splitlines()[0]
