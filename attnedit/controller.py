@@ -130,6 +130,9 @@ class Controller:
             self.denoiser.set_attn_processor(procs)
             self._handles.append(self.denoiser.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
             self._handles.append(self.denoiser.register_forward_hook(self._post_forward))
+            decoder = getattr(getattr(self.pipe, "vae", None), "decoder", None)
+            if isinstance(decoder, torch.nn.Module):
+                self._handles.append(decoder.register_forward_hook(self._post_decode))
             if self.family.arch == "unet":
                 for parent in {n.split(".transformer_blocks.")[0] for n in self.registry.layers}:
                     module = self.denoiser.get_submodule(parent)
@@ -435,6 +438,15 @@ class Controller:
             raise NonFiniteError(
                 f"the denoiser's output holds NaN or inf at step {self.step} (timestep {self.timestep}, {self.phase} "
                 f"pass); controls acting there: {', '.join(live) or 'none'}. Nothing was written"
+            )
+
+    def _post_decode(self, module, args, output) -> None:
+        """The VAE decoder's output must be finite too (a float16 VAE overflows into NaN / inf: black images)."""
+        if isinstance(output, torch.Tensor) and not bool(torch.isfinite(output).all()):
+            names = ", ".join(type(c).__name__ for c in self.controls) or "none"
+            raise NonFiniteError(
+                f"the decoded image holds NaN or inf (controls: {names}). Nothing was written; in float16 the VAE "
+                "can overflow: load the model with dtype='float32' or 'bfloat16'"
             )
 
     def _refuse_direct_call(self) -> None:

@@ -239,3 +239,40 @@ def test_users_diffusers_attention_backend_holds(controls, monkeypatch):
     finally:
         pipe.denoiser.reset_attention_backend()
     assert seen and all(str(b) == "AttentionBackendName._NATIVE_MATH" for b in seen)
+
+
+# ------------------------------------------------------------------------------- the final guard
+class _NaNAt(attnedit.Control):
+    """A test control whose attention output turns NaN from one step on."""
+
+    name = "test-nan-at"
+
+    def __init__(self, step: int):
+        self.at = step
+        super().__init__(layers=attnedit.Select(kind="self"))
+
+    def output(self, ctx, out):
+        return out * float("nan") if ctx.step >= self.at else out
+
+
+def test_a_nan_prediction_stops_the_run_naming_the_step_and_the_control(sd, tmp_path):
+    from attnedit.controller import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"NaN or inf at step 1 .*controls acting there: _NaNAt"):
+        sd(PROMPT, seed=0, steps=3, controls=[_NaNAt(1)])
+    with attnedit.controlled(sd.pipe, _NaNAt(0)), pytest.raises(NonFiniteError, match="at step 0"):
+        sd.pipe(PROMPT, **_call(sd))  # the stock path too
+    assert not hasattr(sd.pipe, "_attnedit_controller")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_decoded_image_is_refused_not_written(sd, bad):
+    """inf would be clamped to a saturated image and NaN cast to black: the decoder's output is checked."""
+    from attnedit.controller import NonFiniteError
+
+    handle = sd.pipe.vae.decoder.conv_out.register_forward_hook(lambda m, a, out: out * bad)
+    try:
+        with pytest.raises(NonFiniteError, match="decoded image holds NaN or inf"):
+            sd(PROMPT, seed=0, steps=1)
+    finally:
+        handle.remove()
