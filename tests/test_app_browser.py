@@ -141,7 +141,7 @@ def _a_bad_size_shows_its_reason(page) -> None:
     width.fill("61")
     width.press("Enter")
     page.locator("#generate-button").click()
-    page.get_by_text("61 is not a positive multiple of").first.wait_for(state="visible", timeout=30_000)
+    page.get_by_text("width must be a multiple of 8 for this model").first.wait_for(state="visible", timeout=30_000)
 
 
 def test_page_generates_an_image_in_headless_chromium(tmp_path):
