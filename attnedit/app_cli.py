@@ -29,7 +29,7 @@ def private_gradio_dir() -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from .pipeline import DEFAULT_MODEL
+    from .paths import DEFAULT_MODEL
 
     p = subparsers.add_parser("app", help="serve the interactive Gradio app")
     p.add_argument("--model", default=None, help=f"model selected when the page opens (default {DEFAULT_MODEL})")
@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def models_of(model: str | None, models: str | None) -> tuple[list[str], str]:
     """The allowed model list and the default one, from `--model` and `--models`."""
-    from .pipeline import DEFAULT_MODEL
+    from .paths import DEFAULT_MODEL
 
     names = [m.strip() for m in (models or "").split(",") if m.strip()]
     default = model or (names[0] if names else DEFAULT_MODEL)
@@ -56,7 +56,7 @@ def models_of(model: str | None, models: str | None) -> tuple[list[str], str]:
 
 def load_app_module() -> ModuleType:
     """`apps/app.py` of this checkout (it sits beside the package, not inside it)."""
-    from .pipeline import REPO_ROOT
+    from .paths import REPO_ROOT
 
     path = REPO_ROOT / "apps" / "app.py"
     if not path.is_file():

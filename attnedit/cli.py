@@ -14,45 +14,27 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-# subcommand -> module with `add_parser(subparsers)`; missing modules are simply not offered
+# subcommand -> (module with `add_parser(subparsers)`, one-line help). Only the subcommand named on the
+# command line is built (its module imported), so `attnedit --help` imports neither torch nor diffusers.
 _PLUGINS = {
-    "batch": "attnedit.batch",
-    "app": "attnedit.app_cli",
-    "train": "attnedit.train.cli",
-    "testbed": "attnedit.testbed.cli",
+    "batch": ("attnedit.batch", "run a JSONL/YAML job file (resumable; `accelerate launch -m attnedit batch` "
+              "for many GPUs)"),
+    "app": ("attnedit.app_cli", "serve the interactive Gradio app"),
+    "train": ("attnedit.train.cli", "train an adapter: attencraft, clear"),
+    "testbed": ("attnedit.testbed.cli", "the synthetic testbed: train its models"),
 }
 
 
 def parse_control(spec: str):
     """`name`, `name:{"json": "options"}` or `name:key=value,key=value` -> a Control."""
     from .controls import make_control
-    from .methods import load_all
 
-    load_all()
-    name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    rest = rest.strip()
-    if rest.startswith("{"):
-        try:
-            options = json.loads(rest)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"control options of {name!r} are not valid JSON: {err}") from err
-    elif rest:
-        for item in rest.split(","):
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise ValueError(f"control option {item!r} of {name!r} is not key=value")
-            try:
-                options[key.strip()] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key.strip()] = value
-    return make_control(name.strip(), options)
+    return make_control(spec)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from .pipeline import DEFAULT_MODEL
+    from .paths import DEFAULT_MODEL
 
     p.add_argument("prompt", help="the text prompt")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, folder or bundled name (default {DEFAULT_MODEL})")
@@ -67,6 +49,67 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
     p.add_argument("--control", action="append", default=[], metavar="NAME[:OPTIONS]",
                    help='a control, e.g. --control todo:factor=2 or --control \'astar:{"words": ["cat"]}\'')
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: 1 for small models such as the bundled ones, else torch's default)")
+    p.add_argument("--verbose", action="store_true", help="report load and generation times")
+
+
+def quiet_third_party() -> None:
+    """The command line shows attnedit's messages, not the libraries' advice to their own developers
+    (transformers' "requires torchvision", deprecation notes, loading progress bars). Set before they
+    are imported; errors still show. The Python API leaves these settings to the user."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for module in ("diffusers", "transformers", "torch", "accelerate", "huggingface_hub"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+
+
+def load_for_cli(args: argparse.Namespace):
+    """`attnedit.load` for a command, timed; on the CPU a small model runs on one thread unless --threads says.
+
+    Why one thread: the bundled 64 px models do many small ops, where handing each one to a second thread
+    costs more than it saves, and on a busy 2-core machine a thread waiting for a descheduled peer made one
+    image 15x slower (benchmarks/cli_speed.py measures it). Large models keep torch's default.
+    """
+    import time
+
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    from .pipeline import load
+
+    diffusers_logging.disable_progress_bar()
+    start = time.perf_counter()
+    pipe = load(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif pipe.device.type == "cpu" and sum(p.numel() for p in pipe.denoiser.parameters()) < SMALL_MODEL:
+        torch.set_num_threads(1)
+    if getattr(args, "verbose", False):
+        print(f"loaded {args.model} ({pipe.family.label}, {pipe.device}, {torch.get_num_threads()} CPU thread(s)) in "
+              f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return pipe
+
+
+SMALL_MODEL = 50_000_000  # denoiser parameters under which the CLI uses one CPU thread (see load_for_cli)
+
+
+def _generate_timed(args: argparse.Namespace, pipe, **kw):
+    import time
+
+    start = time.perf_counter()
+    result = pipe.generate(**kw)
+    if getattr(args, "verbose", False):
+        print(f"generated {len(result.images)} image(s), {result.params['steps']} steps, "
+              f"{result.params['height']}x{result.params['width']} in {time.perf_counter() - start:.2f} s",
+              file=sys.stderr)
+    return result
 
 
 def _check_common(args: argparse.Namespace) -> Path:
@@ -86,17 +129,17 @@ def _check_common(args: argparse.Namespace) -> Path:
     validate.device(args.device)
     if args.dtype is not None:
         validate.choice("dtype", args.dtype, validate.DTYPES)
+    if args.threads is not None:
+        validate.integer("--threads", args.threads, 1, 1024)
     return validate.output_file("--out", args.out)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .pipeline import load
-
     out = _check_common(args)
     controls = [parse_control(s) for s in args.control]
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
-    result = pipe.generate(
-        args.prompt, controls=controls, seed=args.seed, steps=args.steps, guidance=args.guidance,
+    pipe = load_for_cli(args)
+    result = _generate_timed(
+        args, pipe, prompt=args.prompt, controls=controls, seed=args.seed, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, negative_prompt=args.negative_prompt, num_images=args.num_images,
     )
     for i in range(len(result.images)):
@@ -108,7 +151,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _maps(args: argparse.Namespace) -> int:
     """The image at --out (X.png, sidecar X.json) and the map grid beside it (X.maps.png)."""
-    from .pipeline import load
     from .store import AttentionStore
     from .visualize import map_grid
 
@@ -116,9 +158,9 @@ def _maps(args: argparse.Namespace) -> int:
     words = [w.strip() for w in args.words.split(",")] if args.words else None
     store = AttentionStore(words=words)
     controls = [store, *(parse_control(s) for s in args.control)]
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
-    result = pipe.generate(
-        args.prompt, controls=controls, seed=args.seed, steps=args.steps, guidance=args.guidance,
+    pipe = load_for_cli(args)
+    result = _generate_timed(
+        args, pipe, prompt=args.prompt, controls=controls, seed=args.seed, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, negative_prompt=args.negative_prompt,
     )
     grid = map_grid(store.word_maps(0), result.images[0])  # before any file is written: a bad word fails here
@@ -138,9 +180,8 @@ def maps_path(image: Path) -> Path:
 def _info(args: argparse.Namespace) -> int:
     from . import validate
     from .controller import Controller
-    from .pipeline import load
 
-    pipe = load(args.model)
+    pipe = load_for_cli(args)
     h, w = pipe.default_size()
     h = validate.side("height", args.height, pipe.pixel_stride) if args.height is not None else h
     w = validate.side("width", args.width, pipe.pixel_stride) if args.width is not None else w
@@ -160,9 +201,11 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: every subcommand listed, only the one `argv` names built in full."""
     parser = argparse.ArgumentParser(prog="attnedit", description="Attention control for diffusers pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
+    wanted = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
 
     p = sub.add_parser("generate", help="prompt -> PNG plus a JSON sidecar with every parameter")
     _common(p)
@@ -177,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_maps)
 
     p = sub.add_parser("info", help="model family, attention layers and their token grids")
-    from .pipeline import DEFAULT_MODEL
+    from .paths import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--height", type=int, default=None)
@@ -185,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
 
-    for module in _PLUGINS.values():
+    for name, (module, help_text) in _PLUGINS.items():
+        if name != wanted:
+            sub.add_parser(name, help=help_text)  # listed in --help; built when it is the command
+            continue
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
@@ -197,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    quiet_third_party()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -176,6 +176,18 @@ class Controller:
         self._run_open = False
         self._in_call = False
 
+    def __getattr__(self, name: str) -> Control:
+        """A control of this installation by its name: `ctrl.store.word_map("cat")`, `ctrl.todo`."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        found = [c for c in self.__dict__.get("controls", ()) if c.name == name]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise AttributeError(f"{len(found)} controls are named {name!r}: use ctrl.controls[i]")
+        names = ", ".join(c.name for c in self.__dict__.get("controls", ())) or "none"
+        raise AttributeError(f"'Controller' has no attribute or control {name!r}; its controls: {names}")
+
     def __enter__(self) -> Controller:
         return self.install()
 

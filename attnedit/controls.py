@@ -264,6 +264,37 @@ class Control:
         return f"{type(self).__name__}({opts})"
 
 
+def _split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """`name`, `name:{"json": "options"}` or `name:key=value,key=value` -> (name, options)."""
+    import json
+
+    name, _, rest = spec.partition(":")
+    name, rest = name.strip(), rest.strip()
+    options: dict[str, Any] = {}
+    if rest.startswith("{"):
+        try:
+            options = json.loads(rest)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"control options of {name!r} are not valid JSON: {err}") from err
+        if not isinstance(options, dict):
+            raise ValueError(f"control options of {name!r} must be a JSON object, got {rest[:60]!r}")
+    elif rest:
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"control option {item!r} of {name!r} is not key=value")
+            try:
+                options[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key.strip()] = value
+    return name, options
+
+
+def as_control(item: Control | str) -> Control:
+    """A Control as given, or built from a name / "name:options" string (what `attnedit.apply` takes)."""
+    return item if isinstance(item, Control) else make_control(item)
+
+
 def _check_option(cls: type, control: str, key: str, value: Any) -> None:
     """An option of a simple declared type (int, float, bool, str, or one of them | None) gets exactly that:
     no "2" for an int, no true for a number, no NaN (what the CLI, job files and the app pass in)."""
@@ -325,7 +356,25 @@ def register(cls: type[Control]) -> type[Control]:
 
 
 def make_control(name: str, options: dict[str, Any] | None = None) -> Control:
-    """Build a control from its name and options, refusing unknown names and options by name."""
+    """Build a control from its name and options, refusing unknown names and options by name.
+
+    `name` may also carry the options in the command line's syntax: `"todo:factor=3"`,
+    `'astar:{"words": ["cat", "dog"]}'` (then `options` must be None).
+
+    >>> attnedit.make_control("todo", {"factor": 3})
+    """
+    if not isinstance(name, str):
+        from . import validate
+
+        raise validate.InputError("control", name, "a control name such as 'todo' or 'todo:factor=3'")
+    if ":" in name:
+        if options is not None:
+            raise ValueError(f"give the options of {name!r} either after ':' or as options, not both")
+        name, options = _split_spec(name)
+    if name not in CONTROLS:
+        from .methods import load_all
+
+        load_all()
     if name not in CONTROLS:
         raise ValueError(f"unknown control {name!r}; available: {', '.join(sorted(CONTROLS))}")
     cls = CONTROLS[name]
@@ -360,6 +409,7 @@ __all__ = [
     "KVDownsample",
     "LocalWindow",
     "RegionMask",
+    "as_control",
     "make_control",
     "register",
 ]

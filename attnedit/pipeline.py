@@ -24,14 +24,10 @@ from PIL import Image
 
 from . import validate
 from .controller import Controller, NonFiniteError
-from .controls import Control
+from .controls import Control, as_control
 from .families import FAMILIES, Family, family_from_class, family_of
 from .layout import BatchLayout
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_DIR = Path(os.environ.get("ATTNEDIT_MODELS", REPO_ROOT / "assets" / "models"))
-TINY_PREFIX = "tiny-"
-DEFAULT_MODEL = "shapes-sd"
+from .paths import BUNDLED_DIR, DEFAULT_MODEL, TINY_PREFIX
 
 _LOAD_OPTIONS = ("variant", "revision", "local_files_only", "cache_dir", "token", "use_safetensors")
 # attnedit adapters loaded after the pipeline: option -> (module, function(edit_pipe, path))
@@ -42,27 +38,35 @@ _ADAPTERS = {
 
 
 # ------------------------------------------------------------------------------ stock pipelines
-def apply(pipe: Any, *controls: Control) -> Controller:
+def apply(pipe: Any, *controls: Control | str) -> Controller:
     """Install attnedit with `controls` on a stock diffusers pipeline (undo with `remove`).
 
-    >>> ctrl = attnedit.apply(pipe, attnedit.AttentionStore())
+    Controls are instances or names with options in the CLI's syntax ("todo", "todo:factor=3");
+    the returned controller reaches them by name (`ctrl.store.word_map("cat")`).
+
+    >>> ctrl = attnedit.apply(pipe, "todo", attnedit.AttentionStore())
     >>> image = pipe("a cat and a dog").images[0]
     >>> attnedit.remove(pipe)
     """
-    return Controller(pipe, list(controls)).install()
+    return Controller(_stock(pipe), [as_control(c) for c in controls]).install()
+
+
+def _stock(pipe: Any) -> Any:
+    """The diffusers pipeline to install on (an EditPipeline's `.pipe`)."""
+    return pipe.pipe if isinstance(pipe, EditPipeline) else pipe
 
 
 def remove(pipe: Any) -> None:
     """Remove attnedit from `pipe`, restoring its original processors (no-op if not applied)."""
-    ctrl = getattr(pipe, "_attnedit_controller", None)
+    ctrl = getattr(_stock(pipe), "_attnedit_controller", None)
     if ctrl is not None:
         ctrl.remove()
 
 
 @contextmanager
-def controlled(pipe: Any, *controls: Control) -> Iterator[Controller]:
+def controlled(pipe: Any, *controls: Control | str) -> Iterator[Controller]:
     """`with attnedit.controlled(pipe, store) as ctrl: pipe(prompt)`; always restores `pipe`."""
-    ctrl = Controller(pipe, list(controls)).install()
+    ctrl = Controller(_stock(pipe), [as_control(c) for c in controls]).install()
     try:
         yield ctrl
     finally:
@@ -388,6 +392,7 @@ class EditPipeline:
         `seed` is one int (image i gets seed + i) or one seed per image. Everything is validated
         (sizes, words, control options) before any denoising starts.
         """
+        controls = [as_control(c) if isinstance(c, str) else c for c in controls]
         # an explicit control of the same class replaces the default one (e.g. CLEAR with other options)
         controls = [*(d for d in self.default_controls if not any(type(c) is type(d) for c in controls)), *controls]
         checked = self.check_inputs(prompt, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
@@ -467,8 +472,8 @@ class EditPipeline:
         negative_prompt = validate.negative_prompt(negative_prompt, len(prompts))
         for c in controls:
             if not isinstance(c, Control):
-                raise validate.InputError("controls", c, "Control instances (e.g. attnedit.ToDo()), or names through "
-                                          "attnedit.make_control")
+                raise validate.InputError("controls", c, "Control instances (e.g. attnedit.ToDo()) or names with "
+                                          "options (e.g. 'todo:factor=3')")
         self.check_pipe_kwargs(pipe_kwargs)
         if latents is not None:
             if not isinstance(latents, torch.Tensor):

@@ -126,7 +126,8 @@ API = [
     Case("latents-shape", lambda f: f["sd"].generate("a", steps=2, latents=torch.zeros(1, 4, 9, 8)),
          r"latents.*\(1, 4, 9, 8\)"),
     Case("latents-list", gen(latents=[0.0]), "latents.*a torch.Tensor"),
-    Case("controls-string", gen(controls=["todo"]), "controls.*'todo'"),
+    Case("controls-int", gen(controls=[5]), "controls.*got 5"),
+    Case("controls-unknown-name", gen(controls=["tood"]), "unknown control 'tood'"),
     Case("pipe-kwarg-nan", gen(eta=NAN), "eta.*nan"),
     Case("guidance-rescale-inf", gen(guidance_rescale=INF), "guidance_rescale.*inf"),
     # edit / invert

@@ -55,3 +55,46 @@ def test_errors_are_readable(tmp_path, capsys):
     assert main(["info", "--model", "nowhere"]) == 2
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "m.png").exists()
     assert not list(tmp_path.iterdir()), "nothing is written when a run is refused"
+
+
+def test_help_imports_neither_torch_nor_diffusers():
+    """`attnedit --help` and `attnedit <cmd> --help` answer at once (benchmarks/cli_speed.py times them)."""
+    import subprocess
+    import sys
+
+    for argv in (["--help"], ["generate", "--help"], ["maps", "--help"], ["info", "--help"], ["batch", "--help"],
+                 ["app", "--help"], ["testbed", "train", "--help"], ["train", "attencraft", "--help"]):
+        res = subprocess.run([sys.executable, "-X", "importtime", "-m", "attnedit", *argv], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-500:]
+        heavy = [line for line in res.stderr.splitlines() if line.rstrip().endswith(("| torch", "| diffusers"))]
+        assert not heavy, f"attnedit {' '.join(argv)} imported {heavy}"
+
+
+def test_generate_is_quiet_and_reports_times_on_request(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "attnedit", "generate", "a red cube", "--model", "tiny-sd", "--steps",
+                          "2", "--out", str(tmp_path / "a.png"), "--verbose"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith("loaded tiny-sd (") and lines[1].startswith("generated 1 image(s)")
+    assert "1 CPU thread(s)" in lines[0]  # a small model on the CPU: one thread
+
+
+def test_apply_takes_names_and_the_controller_reaches_controls_by_name():
+    import attnedit
+
+    ep = attnedit.load("tiny-sd")
+    ctrl = attnedit.apply(ep, "todo:factor=2", "store")  # an EditPipeline or its .pipe
+    try:
+        ep.pipe("a red cube", num_inference_steps=2, height=64, width=64)
+        assert ctrl.todo.factor == 2 and ctrl.store.word_map("cube").shape == (8, 8)
+    finally:
+        attnedit.remove(ep)
+    assert not hasattr(ep.pipe, "_attnedit_controller")
+    wrapped = attnedit.load(ep.pipe)  # an existing pipeline object is wrapped as it is
+    assert wrapped.pipe is ep.pipe and wrapped.family.name == "sd"
+    assert callable(attnedit.consistent) and callable(attnedit.edit) and callable(attnedit.visualize.map_grid)

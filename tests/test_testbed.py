@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -322,3 +324,22 @@ def test_testbed_eval_rates_per_shape_on_rendered_images(monkeypatch, load_bench
     assert res["by_shape"] == pytest.approx({k: float(np.mean(v)) for k, v in expected.items()})
     res = tbe.evaluate(None, [prompts[0], "a red circle and a blue square", *prompts[2:]], [0] * 6, 1, 1.0, 6)
     assert res["by_shape"] is None  # a mixed set has no per-shape rate
+
+
+@pytest.mark.parametrize("name", ["shapes-sd", "shapes-dit"])
+def test_bundled_models_run_in_plain_diffusers(name):
+    """assets/models/README.md: the folders load with plain diffusers `from_pretrained`, no extra argument
+    (their configs make every component float32), and generate."""
+    import json
+
+    import diffusers
+    import torch
+
+    folder = Path(__file__).resolve().parents[1] / "assets" / "models" / name
+    cls = getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"])
+    pipe = cls.from_pretrained(folder)
+    dtypes = {next(c.parameters()).dtype for c in pipe.components.values() if isinstance(c, torch.nn.Module)}
+    assert dtypes == {torch.float32}
+    extra = {"max_sequence_length": 24} if name == "shapes-dit" else {}  # as assets/models/README.md says
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, **extra).images[0]
+    assert image.size == (64, 64)

@@ -7,7 +7,8 @@ import pkgutil
 
 
 def load_all() -> None:
-    """Import every method module so `attnedit.CONTROLS` knows every control by name."""
+    """Import every method module (and AttentionStore's) so `attnedit.CONTROLS` knows every control by name."""
+    importlib.import_module("attnedit.store")
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
 

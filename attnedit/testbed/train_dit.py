@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from .train import (
     PROBE_PROMPTS,
     Dataset,
-    add_denoiser_args,
     build_tokenizer,
     build_vae,
     check_denoiser_args,
@@ -130,15 +129,9 @@ def sample_grid(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: 
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="attnedit testbed train-dit", description=__doc__, add_help=add_help,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="assets/models/shapes-dit", help="pipeline folder to write")
-    ap.add_argument("--work", default="/tmp/testbed-dit", help="checkpoints, sample grids, log")
-    ap.add_argument("--vae-init", required=True, help="VAE checkpoint of `train --vae-only` (shared with shapes-sd)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", type=int, default=8000, help="pre-rendered training images")
-    add_denoiser_args(ap, lr=1e-3, threads=1)
-    return ap
+    from .cli import train_dit_parser
+
+    return train_dit_parser(add_help)
 
 
 def main(argv: list[str] | None = None) -> int:
