@@ -1649,7 +1649,7 @@ def print_summary(summary: Summary, jobs: str, log: Any = None) -> None:
 
 # ----------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers: Any) -> None:
-    from .pipeline import DEFAULT_MODEL
+    from .paths import DEFAULT_MODEL
 
     p = subparsers.add_parser(
         "batch", help="run a JSONL/YAML job file (resumable; `accelerate launch -m attnedit batch` for many GPUs)",
