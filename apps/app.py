@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError  # noqa: E402
 import attnedit  # noqa: E402
 from attnedit import validate  # noqa: E402
 from attnedit.pipeline import DEFAULT_MODEL  # noqa: E402
-from attnedit.visualize import heatmap, map_grid  # noqa: E402
+from attnedit.visualize import fit_text, heatmap, label_font, map_grid  # noqa: E402
 
 MAX_UPLOAD = "8mb"  # gradio rejects larger uploads before they reach a handler
 MAX_UPLOAD_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
@@ -407,11 +407,18 @@ def draw_boxes(image: Image.Image, boxes: list[list[float]] | None, labels: list
     draw = ImageDraw.Draw(out)
     colours = ["red", "cyan", "yellow", "lime", "magenta", "orange"]
     w, h = out.size
+    line = max(1, w // 64)
+    font = label_font(max(11, w // 22))
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         c = colours[i % len(colours)]
-        draw.rectangle((x0 * w, y0 * h, x1 * w - 1, y1 * h - 1), outline=c, width=max(1, w // 64))
+        draw.rectangle((x0 * w, y0 * h, x1 * w - 1, y1 * h - 1), outline=c, width=line)
         if labels and i < len(labels):
-            draw.text((x0 * w + 2, y0 * h + 1), labels[i], fill=c)
+            # inside the box, clear of its outline, on a dark chip so any colour reads; shortened to fit
+            text = fit_text(draw, labels[i], font, max(8.0, (x1 - x0) * w - 2 * line - 6))
+            tx, ty = x0 * w + line + 3, y0 * h + line + 2
+            left, top, right, bottom = draw.textbbox((tx, ty), text, font=font)
+            draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(30, 30, 30))
+            draw.text((tx, ty), text, fill=c, font=font)
     return out
 
 

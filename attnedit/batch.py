@@ -1495,8 +1495,12 @@ def run_batch(
     dtype: str | None = None,
     progress: bool = True,
     log: Any = None,
+    threads: int | str | None = None,
 ) -> Summary:
     """Run a job file into `out` (resuming what is there); returns this run's `Summary`.
+
+    `threads`: CPU threads per process (None: leave torch's setting; "auto": the command line's policy,
+    one thread for a small model on the CPU, see `attnedit.cli.cpu_threads`).
 
     Under `accelerate launch` each process takes its share of the batches; every process returns
     the merged summary. `pipe` reuses a loaded `EditPipeline` (single process only). `overrides`
@@ -1518,6 +1522,10 @@ def run_batch(
     model_name = model or (file_model(jobs) if pipe is None else getattr(pipe, "model_name", None)) or DEFAULT_MODEL
     if pipe is None:  # a given pipe must already carry the file's concepts
         pipe = load(model_name, device=device or state.device, dtype=dtype, **_load_options(jobs))
+    if threads is not None:
+        from .cli import cpu_threads
+
+        cpu_threads(pipe, None if threads == "auto" else threads)
     the_plan = plan(jobs, pipe, overrides, model_name)
     summary = Summary(invalid=the_plan.problems, duplicates=the_plan.duplicates)
     if main:
@@ -1676,7 +1684,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seeds", type=int, default=None, help="images per prompt (seeds 0..N-1) for jobs without seeds")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per process (CPU sums depend on it: fix it to compare runs bit for bit)")
+                   help="CPU threads per process (default: 1 for small models such as the bundled ones, else "
+                        "torch's; CPU sums depend on it: fix it to compare runs bit for bit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)
 
@@ -1691,13 +1700,13 @@ def _main(args: argparse.Namespace) -> int:
         return _validate(args, overrides)
     if args.out is None or not str(args.out).strip():
         raise ValueError("--out is required: the output folder (or use --validate)")
-    if args.threads is not None:
-        import torch
+    from .cli import quiet_loading
 
-        torch.set_num_threads(args.threads)
+    quiet_loading()
     try:
         summary = run_batch(args.jobs, args.out, model=args.model, batch_size=args.batch_size, overrides=overrides,
-                            strict=args.strict, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+                            strict=args.strict, device=args.device, dtype=args.dtype, progress=not args.no_progress,
+                            threads=args.threads if args.threads is not None else "auto")
     except OutputBusy as err:
         if _distributed_state().is_main_process:
             print(f"attnedit batch: error: {err}", file=sys.stderr)
@@ -1726,8 +1735,10 @@ def _check_args(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
 
 
 def _validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .cli import quiet_loading
     from .pipeline import DEFAULT_MODEL, load
 
+    quiet_loading()
     model = args.model or file_model(args.jobs) or DEFAULT_MODEL
     pipe = load(model, device=args.device or "cpu", dtype=args.dtype, **_load_options(args.jobs))
     result = plan(args.jobs, pipe, overrides, model)

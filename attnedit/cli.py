@@ -79,18 +79,13 @@ def load_for_cli(args: argparse.Namespace):
     import time
 
     import torch
-    from diffusers.utils import logging as diffusers_logging
 
     from .pipeline import load
 
-    diffusers_logging.disable_progress_bar()
+    quiet_loading()
     start = time.perf_counter()
     pipe = load(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
-    threads = getattr(args, "threads", None)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    elif pipe.device.type == "cpu" and sum(p.numel() for p in pipe.denoiser.parameters()) < SMALL_MODEL:
-        torch.set_num_threads(1)
+    cpu_threads(pipe, getattr(args, "threads", None))
     if getattr(args, "verbose", False):
         print(f"loaded {args.model} ({pipe.family.label}, {pipe.device}, {torch.get_num_threads()} CPU thread(s)) in "
               f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
@@ -98,6 +93,23 @@ def load_for_cli(args: argparse.Namespace):
 
 
 SMALL_MODEL = 50_000_000  # denoiser parameters under which the CLI uses one CPU thread (see load_for_cli)
+
+
+def quiet_loading() -> None:
+    """No "Loading pipeline components" bar from diffusers on the command line (no environment variable does it)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+
+
+def cpu_threads(pipe, threads: int | None) -> None:
+    """The command line's CPU thread policy: `threads` when given, else one thread for a small model on the CPU."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif pipe.device.type == "cpu" and sum(p.numel() for p in pipe.denoiser.parameters()) < SMALL_MODEL:
+        torch.set_num_threads(1)
 
 
 def _generate_timed(args: argparse.Namespace, pipe, **kw):

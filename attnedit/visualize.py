@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 # A perceptually ordered colormap (dark blue -> teal -> yellow), as piecewise-linear anchors.
 _ANCHORS = np.array(
@@ -45,19 +45,43 @@ def heatmap(attn_map: torch.Tensor | np.ndarray, image: Image.Image | None = Non
 def map_grid(maps: dict[str, torch.Tensor], image: Image.Image | None = None, tile: int = 192,
              columns: int | None = None) -> Image.Image:
     """One labelled tile per word (the image itself first when given), as a PNG-ready grid."""
-    tiles: list[tuple[str, Image.Image]] = []
+    tiles: list[tuple[str, Image.Image]] = []  # (label, picture)
     base = image.convert("RGB").resize((tile, tile), Image.BICUBIC) if image is not None else None
     if base is not None:
         tiles.append(("image", base))
     for word, m in maps.items():
         tiles.append((word, heatmap(m, base, size=(tile, tile)) if base is not None else heatmap(m, size=(tile, tile))))
-    cols = columns or min(len(tiles), 6)
+    if columns is None:  # at most 6 per row, rows filled evenly (7 tiles: 4 + 3, not 6 + 1)
+        rows = -(-len(tiles) // 6)
+        columns = -(-len(tiles) // rows)
+    cols = columns
     rows = -(-len(tiles) // cols)
-    label_h = 18
+    font = label_font(max(11, tile // 12))
+    label_h = font.size + 8
     grid = Image.new("RGB", (cols * tile, rows * (tile + label_h)), "white")
     draw = ImageDraw.Draw(grid)
     for i, (word, im) in enumerate(tiles):
         x, y = (i % cols) * tile, (i // cols) * (tile + label_h)
-        grid.paste(im, (x, y + label_h))
-        draw.text((x + 4, y + 3), word, fill="black")
+        grid.paste(im, (x, y))
+        # the label under its tile, centred: a page's own overlays sit on images' top-left corners
+        text = fit_text(draw, word, font, tile - 6)
+        width = draw.textlength(text, font=font)
+        draw.text((x + (tile - width) / 2, y + tile + 4), text, fill="black", font=font)
     return grid
+
+
+def label_font(size: int) -> ImageFont.ImageFont:
+    """Pillow's bundled font at `size` px (the bitmap default when FreeType is unavailable)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: float) -> str:
+    """`text`, shortened with an ellipsis only if it is wider than `width` px."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."

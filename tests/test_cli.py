@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 from PIL import Image
 
 from attnedit.cli import main
@@ -98,3 +99,15 @@ def test_apply_takes_names_and_the_controller_reaches_controls_by_name():
     wrapped = attnedit.load(ep.pipe)  # an existing pipeline object is wrapped as it is
     assert wrapped.pipe is ep.pipe and wrapped.family.name == "sd"
     assert callable(attnedit.consistent) and callable(attnedit.edit) and callable(attnedit.visualize.map_grid)
+
+
+def test_map_grid_rows_are_filled_evenly_and_labels_sit_under_the_tiles():
+    import torch
+
+    from attnedit.visualize import map_grid
+
+    for n, cols in ((3, 3), (6, 6), (7, 4), (12, 6), (13, 5)):
+        grid = map_grid({f"w{i}": torch.rand(4, 4) for i in range(n - 1)}, Image.new("RGB", (8, 8)), tile=64)
+        assert grid.width == cols * 64, (n, grid.width)
+        top = np.asarray(grid)[0:3, 2:30]  # the first tile's top-left corner is picture, not a label
+        assert not (top == 255).all()
