@@ -193,7 +193,7 @@ def test_attention_maps_tab_step_slider_and_pixel_self_attention(client):
     assert pixels(png).shape == (64, 64, 3)
     assert np.array_equal(pixels(image), pixels(png).repeat(4, 0).repeat(4, 1))
     # image tile + one tile per chosen word, 192 px each, labels above
-    assert Image.open(grid).size == (3 * 192, 192 + 18)
+    assert Image.open(grid).size == (3 * 192, 192 + 24)  # tiles of 192 px, a 24 px label band under them
     assert slider["maximum"] == 2 and "3 steps" in info
     step0 = client.predict(0, api_name="/maps_step")
     step2 = client.predict(2, api_name="/maps_step")
@@ -251,7 +251,7 @@ def test_multi_subject_plain_image_matches_generate_and_the_job_validates(served
     alone = gen(client, seed=4)[0]
     assert np.array_equal(pixels(plain), pixels(alone))  # the plain side is exactly the Generate tab's image
     assert np.array_equal(pixels(controlled), pixels(png))
-    assert Image.open(grid).size == (3 * 192, 192 + 18)
+    assert Image.open(grid).size == (3 * 192, 192 + 24)  # tiles of 192 px, a 24 px label band under them
     assert "A-STAR" in info
     job = json.loads(Path(jobs).read_text().splitlines()[1])
     assert job["controls"][0]["name"] == "astar" and job["controls"][0]["words"] == ["circle", "square"]
