@@ -359,3 +359,110 @@ def test_sdxl_trains_both_text_encoders_and_reloads(blobs):
     assert np.abs(a - b).mean() > 0.5
     with pytest.raises(ValueError, match="'sdxl' model"):
         load_concepts(attnedit.load("tiny-sd"), res.output)
+
+
+# ----------------------------------------------------------------------------- defaults, progress, command line
+def _model_folder(tmp_path, block):
+    """A copy of the tiny SD pipeline saved as a folder whose attnedit.json carries an "attencraft" block."""
+    import json
+
+    from attnedit.tiny import build_tiny
+
+    folder = tmp_path / "model"
+    build_tiny("sd").save_pretrained(folder)
+    (folder / "attnedit.json").write_text(json.dumps({"steps": 2, "attencraft": block}))
+    return folder
+
+
+def test_model_defaults_come_from_attnedit_json_and_explicit_options_win(blobs, tmp_path, capsys):
+    from attnedit.train.attencraft import model_defaults
+
+    _, image = blobs
+    assert model_defaults("tiny-sd") == ({}, None)
+    block, where = model_defaults("shapes-sd")  # the bundled model renders few class images
+    assert block == {"num_class_images": 16} and where.endswith("attnedit.json")
+    folder = _model_folder(tmp_path, {"num_class_images": 2, "class_steps": 1})
+    common = dict(steps=1, refresh_every=0, checkpoint_every=0, margin=0.05)
+    res = attencraft(image, "dog,cat", tmp_path / "from-model", model=str(folder), progress=True, **common)
+    meta, _ = read_concepts(res.output)
+    assert meta["settings"]["num_class_images"] == 2 and meta["settings"]["class_steps"] == 1
+    assert len(list((res.output / "class_images").glob("*.png"))) == 2
+    assert any("num_class_images=2 (official 200)" in n for n in res.notes)
+    err = capsys.readouterr().err
+    assert "num_class_images=2 (official 200)" in err  # printed when the run starts
+    assert "rendering 2 class images" in err and "slow part" in err
+    # an explicit option wins over the model's value, on the API and on the command line
+    res = attencraft(image, "dog,cat", tmp_path / "explicit", model=str(folder), num_class_images=3, progress=False,
+                     **common)
+    assert read_concepts(res.output)[0]["settings"]["num_class_images"] == 3
+    assert any("class_steps=1" in n and "num_class_images" not in n for n in res.notes[:1])
+    from attnedit.cli import main
+
+    rc = main(["train", "attencraft", "--image", str(image), "--concepts", "dog,cat", "--output",
+               str(tmp_path / "cli"), "--model", str(folder), "--steps", "1", "--refresh-every", "0",
+               "--checkpoint-every", "0", "--margin", "0.05", "--num-class-images", "1", "--no-progress"])
+    assert rc == 0
+    meta, _ = read_concepts(tmp_path / "cli")
+    assert meta["settings"]["num_class_images"] == 1 and meta["settings"]["class_steps"] == 1
+    out = capsys.readouterr().out
+    assert "note: defaults from" in out and "class_steps=1" in out and "rendered 1 class images" in out
+    # a block with an unknown option is refused, naming the file
+    bad = _model_folder(tmp_path / "bad", {"class_images": 2})
+    with pytest.raises(ValueError, match="unknown AttenCraft option 'class_images'"):
+        attencraft(image, "dog,cat", tmp_path / "bad-run", model=str(bad), progress=False)
+
+
+def test_progress_shows_the_class_image_phase_then_training(blobs, tmp_path, monkeypatch):
+    import tqdm.auto
+
+    _, image = blobs
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    attencraft(image, "dog,cat", tmp_path / "run", model="tiny-sd", steps=2, num_class_images=9, class_steps=1,
+               refresh_every=0, checkpoint_every=0, margin=0.05, progress=True)
+    phases = [(b.desc, b.total, b.n) for b in bars if b.desc.startswith("attencraft")]
+    assert phases == [("attencraft: class images (prior preservation)", 9, 9), ("attencraft: training", 2, 2)]
+
+
+def test_train_help_imports_neither_torch_nor_diffusers():
+    """`attnedit train <recipe> --help` builds its parser without the recipe modules (they import torch)."""
+    import subprocess
+    import sys
+
+    code = ("import argparse, sys; import attnedit.train.cli as c; p = argparse.ArgumentParser(); "
+            "c.add_parser(p.add_subparsers()); "
+            "a = p.parse_args(['train', 'attencraft', '--image', 'x.png', '--concepts', 'a,b', '--steps', '3']); "
+            "assert a.steps == 3 and a.num_class_images is None and callable(a.func); "
+            "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr
+    for recipe in ("attencraft", "clear"):
+        res = subprocess.run([sys.executable, "-X", "importtime", "-m", "attnedit", "train", recipe, "--help"],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0 and f"usage: attnedit train {recipe}" in res.stdout
+        imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import")}
+        assert not {"torch", "diffusers"} & imported, f"`attnedit train {recipe} --help` imports torch or diffusers"
+
+
+def test_cli_options_match_the_config_and_the_documentation():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from attnedit.train.cli import ATTENCRAFT_OPTIONS
+
+    fields = {f.name: f.default for f in dataclasses.fields(AttenCraftConfig) if f.name != "concepts"}
+    assert {name: default for name, _, default, _ in ATTENCRAFT_OPTIONS} == fields
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "methods" / "attencraft.md").read_text()
+    rows = {m.group(2): m.group(3).strip() for m in re.finditer(r"^\| `--([\w-]+)`[^|]*\| `(\w+)` \| ([^|]+) \|",
+                                                                doc, re.M)}
+    assert set(rows) == set(fields)
+    for name, default in fields.items():
+        if default is not None:
+            assert rows[name] == f"`{default}`", name

@@ -7,7 +7,7 @@
     >>> pipe = attnedit.load("shapes-sd", concepts="runs/dogcat")   # tokens <dog>, <cat>
 
 Models: SD 1.x/2.x-architecture pipelines and SDXL (new tokens in both of its text encoders).
-Recipe (see /work/shared/specs/attencraft.md and `attnedit.methods.attencraft`): the cross-attention K/V projections
+Recipe (see docs/methods/attencraft.md and `attnedit.methods.attencraft`): the cross-attention K/V projections
 of every attn2 (or LoRA adapters on them, `train="lora"`, needs `peft`) and the new token embeddings are trained;
 the start token's K/V are detached. Masks are built once at a noisy step (retried with new timesteps and smaller
 margins), refreshed every `refresh_every` steps when stable (SSIM gate), and drive three losses: Jensen-Shannon
@@ -17,6 +17,11 @@ prior preservation on class images the base model generates itself.
 Each concept gets a new single token `<word>` (or `tokens=`), initialised from the mean embedding of its word's
 tokens: a word the tokenizer splits into several tokens (or that it knows already) is never reused as is.
 Runs are resumable (`resume="latest"`), and a folder that already holds a run is never overwritten.
+
+Cost: before training, prior preservation renders `num_class_images` images of `class_prompt` with the base model
+(each one a full generation at the model's steps); with the official 200 that is most of a short run. A model folder
+can set smaller defaults in its attnedit.json "attencraft" block (the bundled shapes-sd: 16); options given
+explicitly always win, and `prior_weight=0` skips the class images altogether. Progress shows both phases.
 
 Differences from the official training script: no random-rescale augmentation (so no validity mask: the masked
 denoising loss is averaged over every latent pixel), the instance latent is the VAE mean (not a sample), prior
@@ -31,8 +36,10 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import sys
+import time
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -311,6 +318,8 @@ class AttenCraftTrainer:
         self.g = torch.Generator().manual_seed(cfg.seed)
         # class images from the base model itself, before anything is changed
         self.class_latents = self._class_latents() if cfg.prior_weight > 0 else None
+        if self.class_latents is None:
+            self.say("prior preservation off (prior_weight 0): no class images")
         self._add_tokens()
         self._make_trainable()
         self.params = [*self.new_embeds, *self.kv_params.values()]
@@ -355,22 +364,50 @@ class AttenCraftTrainer:
         if self.cfg.tensorboard and getattr(self, "acc", None) is not None:
             self.acc.end_training()
 
+    def say(self, message: str) -> None:
+        """One line on stderr beside the progress bars (silent with `progress=False`)."""
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"attencraft: {message}", file=sys.stderr)
+
     def _class_latents(self) -> torch.Tensor:
+        """Prior preservation: the base model renders `num_class_images` images of the class prompt (the slow part
+        of a run: each is a full generation), cached in `<output>/class_images`."""
+        from tqdm.auto import tqdm
+
         cfg = self.cfg
+        n = cfg.num_class_images
         folder = self.out / "class_images"
         info = {"prompt": cfg.class_prompt, "model": str(self.model_name), "resolution": cfg.resolution,
                 "seed": cfg.seed, "steps": cfg.class_steps}
         info_path = folder / "info.json"
-        files = [folder / f"{i:04d}.png" for i in range(cfg.num_class_images)]
+        files = [folder / f"{i:04d}.png" for i in range(n)]
         cached = info_path.is_file() and json.loads(info_path.read_text()) == info and all(f.is_file() for f in files)
-        if not cached:  # generated in batches of 8; image i always has seed `seed * 1000 + i`
+        if cached:
+            self.say(f"prior preservation: {n} class images reused from {folder}")
+        else:  # generated in batches of 8; image i always has seed `seed * 1000 + i`
+            steps = cfg.class_steps or self.edit.default_steps()
+            self.say(f"prior preservation: rendering {n} class images of {cfg.class_prompt!r} ({steps} steps each) "
+                     "before training. This is the slow part; fewer: --num-class-images N (num_class_images=N), "
+                     "none: --prior-weight 0 (prior_weight=0)")
             folder.mkdir(parents=True, exist_ok=True)
-            for start in range(0, len(files), 8):
-                idx = list(range(start, min(start + 8, len(files))))
-                res = self.edit.generate([cfg.class_prompt] * len(idx), seed=[cfg.seed * 1000 + i for i in idx],
-                                         steps=cfg.class_steps, height=cfg.resolution, width=cfg.resolution)
-                for i, im in zip(idx, res.images):
-                    im.save(files[i])
+            bar = tqdm(total=n, desc="attencraft: class images (prior preservation)", unit="img",
+                       disable=not self.progress, dynamic_ncols=True)
+            start_time = time.perf_counter()
+            try:
+                for start in range(0, n, 8):
+                    idx = list(range(start, min(start + 8, n)))
+                    res = self.edit.generate([cfg.class_prompt] * len(idx), seed=[cfg.seed * 1000 + i for i in idx],
+                                             steps=cfg.class_steps, height=cfg.resolution, width=cfg.resolution)
+                    for i, im in zip(idx, res.images):
+                        im.save(files[i])
+                    bar.update(len(idx))
+            finally:
+                bar.close()
+            seconds = time.perf_counter() - start_time
+            self.notes.append(f"prior preservation rendered {n} class images in {seconds:.1f} s "
+                              f"({seconds / n:.2f} s each)")
             info_path.write_text(json.dumps(info))
         images = [Image.open(f).convert("RGB") for f in files]
         return torch.cat([self._encode_image(im) for im in images])
@@ -799,7 +836,7 @@ class AttenCraftTrainer:
                 raise
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), disable=not self.progress,
-                   desc="attencraft", dynamic_ncols=True)
+                   desc="attencraft: training", unit="step", dynamic_ncols=True)
         try:
             while self.step < cfg.steps:
                 logs: dict[str, Any] = {}
@@ -844,81 +881,97 @@ def _row_replacer(param: torch.nn.Parameter, lut: torch.Tensor):
     return hook
 
 
+MODEL_BLOCK = "attencraft"  # the block of a model folder's attnedit.json holding AttenCraft defaults for that model
+_NOT_FROM_MODEL = ("concepts", "tokens", "initializers", "device")  # belong to a run, never to a model
+
+
+def model_defaults(model: Any = None) -> tuple[dict[str, Any], str | None]:
+    """The options the model folder's `attnedit.json` sets in its "attencraft" block, and the file they came from.
+
+    A small model renders its class images in a fraction of the official count's time, so the bundled models set
+    e.g. `{"num_class_images": 16}`. Builtins (`tiny-*`), hub ids and folders without the block give `({}, None)`.
+    """
+    from ..pipeline import BUNDLED_DIR, DEFAULT_MODEL, TINY_PREFIX, EditPipeline
+
+    if isinstance(model, EditPipeline):
+        block, where = model.settings.get(MODEL_BLOCK), f"{model.model_name} (its attnedit.json)"
+    elif model is not None and not isinstance(model, (str, os.PathLike)):
+        return {}, None  # a diffusers pipeline object: no model folder to read
+    else:
+        name = str(model if model is not None else DEFAULT_MODEL)
+        if name.startswith(TINY_PREFIX):
+            return {}, None
+        bundled = BUNDLED_DIR / name
+        folder = bundled if "/" not in name and (bundled / "model_index.json").is_file() else Path(name)
+        path = folder / "attnedit.json"
+        if not path.is_file():
+            return {}, None
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err})") from None
+        block, where = (settings.get(MODEL_BLOCK) if isinstance(settings, dict) else None), str(path)
+    if block is None:
+        return {}, None
+    if not isinstance(block, dict):
+        raise ValueError(f'{where}: "{MODEL_BLOCK}" must map option names to values, got {type(block).__name__}')
+    valid = [f.name for f in dataclasses.fields(AttenCraftConfig) if f.name not in _NOT_FROM_MODEL]
+    unknown = sorted(set(block) - set(valid))
+    if unknown:
+        raise ValueError(f'{where}: unknown AttenCraft option {unknown[0]!r} in its "{MODEL_BLOCK}" block; valid '
+                         f"options: {', '.join(valid)}")
+    return dict(block), where
+
+
 def attencraft(image: str | Path, concepts: str | list[str], output_dir: str | Path, *, model: Any = None,
                resume: str | Path | None = None, progress: bool = True, **options: Any) -> TrainResult:
     """Train AttenCraft concepts on one image; returns where they were saved and the loss history.
 
     `model`: a model name/folder (`attnedit.load`) or an `EditPipeline` (copied, never modified); `options` are
-    the fields of `AttenCraftConfig` (unknown names are refused).
+    the fields of `AttenCraftConfig` (unknown names are refused). Options not given take the values of the model
+    folder's attnedit.json "attencraft" block when it has one (`model_defaults`), else the official defaults;
+    the values taken from the model are printed (with `progress`) and kept in `notes`.
 
     >>> res = attencraft("photo.png", "dog,cat", "runs/dogcat", model="shapes-sd", steps=400)
     >>> attnedit.load("shapes-sd", concepts=res.output)("a <dog> and a <cat>", seed=0)
     """
-    valid = [f.name for f in dataclasses.fields(AttenCraftConfig) if f.name != "concepts"]
-    unknown = [k for k in options if k not in valid]
+    fields = {f.name: f for f in dataclasses.fields(AttenCraftConfig) if f.name != "concepts"}
+    unknown = [k for k in options if k not in fields]
     if unknown:
-        raise ValueError(f"unknown AttenCraft option {unknown[0]!r}; valid options: {', '.join(valid)}")
-    cfg = AttenCraftConfig(concepts=parse_concepts(concepts), **options)
+        raise ValueError(f"unknown AttenCraft option {unknown[0]!r}; valid options: {', '.join(fields)}")
+    block, where = model_defaults(model)
+    from_model = {k: v for k, v in block.items() if k not in options}
+    cfg = AttenCraftConfig(concepts=parse_concepts(concepts), **{**from_model, **options})
     trainer = AttenCraftTrainer(image, output_dir, cfg, model=model, resume=resume, progress=progress)
+    if from_model:
+        used = ", ".join(f"{k}={v!r}" + (f" (official {fields[k].default!r})" if fields[k].default is not None else "")
+                         for k, v in from_model.items())
+        note = f"defaults from {where}: {used}; an option you give overrides them"
+        trainer.notes.insert(0, note)
+        trainer.say(note)
     return trainer.run()
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-_HELP = {
-    "tokens": "comma-separated new tokens (default <concept> each)",
-    "initializers": "comma-separated words whose embeddings start the tokens (default: the concepts)",
-    "template": "prompt template, '{}' receives the concept phrases joined by ' and '",
-    "phrase": "one concept in the prompt, with {token} and optionally {word}",
-    "class_prompt": "prompt of the prior-preservation images the base model generates",
-    "prior_weight": "weight of the prior-preservation loss (0 disables it)",
-    "train": "kv: the cross-attention K/V projections; lora: LoRA adapters on them (needs peft)",
-    "attn_weight": "weight of the attention-mask loss (0 = the same training without it)",
-    "mask_denoise": "restrict the denoising loss to the named concepts",
-    "margin": "mask margin: a pixel belongs to a concept that beats every other by this much",
-    "power": "power of the self-attention affinity used to propagate the maps",
-    "ssim_gate": "refreshed masks are accepted when SSIM with the previous ones is at least this",
-    "refresh_every": "refresh the masks every N steps (0 = never)",
-    "refresh_patience": "stop after N refreshes in a row that cannot separate the concepts (0 = never)",
-    "sampling": "concept sampling: uniform (official) or reweighted (slow concepts more often)",
-    "mixed_precision": "no, fp16 or bf16 (accelerate)",
-    "checkpoint_every": "save a resumable checkpoint every N steps",
-    "tensorboard": "log losses to TensorBoard under the output folder",
-}
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("attencraft", help="learn one token per concept from one image (AttenCraft)",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--image", required=True, help="the image holding the concepts")
-    p.add_argument("--concepts", required=True, help='comma-separated concept words, e.g. "dog,cat"')
-    p.add_argument("--output", "-o", default="attencraft-out", help="output folder")
-    p.add_argument("--model", default=None, help="model name or folder (default shapes-sd, the bundled testbed model)")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    for f in dataclasses.fields(AttenCraftConfig):
-        if f.name == "concepts":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_HELP.get(f.name))
-            continue
-        kind = {"int": int, "float": float}.get(type(default).__name__, str)
-        if f.name in ("class_steps", "resolution"):
-            kind = int
-        p.add_argument(flag, type=kind, default=default, help=_HELP.get(f.name))
-    p.set_defaults(func=_cli)
+    """The `attencraft` command line; its arguments live in `attnedit.train.cli` (no torch import for --help)."""
+    from .cli import add_attencraft_parser
+
+    add_attencraft_parser(subparsers)
 
 
 def _cli(args: argparse.Namespace) -> int:
+    """Run from parsed arguments: only the options given are passed, the model's attnedit.json fills the rest."""
+    from .cli import ATTENCRAFT_OPTIONS
+
     options = {}
-    for f in dataclasses.fields(AttenCraftConfig):
-        if f.name == "concepts":
+    for name, kind, _default, _help in ATTENCRAFT_OPTIONS:
+        value = getattr(args, name, None)
+        if value is None:
             continue
-        value = getattr(args, f.name)
-        if f.name in ("tokens", "initializers") and isinstance(value, str):
+        if kind == "list":
             value = [v.strip() for v in value.split(",")]
-        options[f.name] = value
+        options[name] = value
     res = attencraft(args.image, args.concepts, args.output, model=args.model, resume=args.resume,
                      progress=not args.no_progress, **options)
     for note in res.notes:

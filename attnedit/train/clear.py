@@ -354,31 +354,10 @@ def _resolve_checkpoint(resume: str | os.PathLike, checkpoint_dir: str | os.Path
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("clear", help="distil a CLEAR local-attention student (FLUX-architecture DiTs)")
-    p.add_argument("--model", default="tiny-flux", help="teacher model (hub id, folder, bundled name, tiny-flux)")
-    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
-    p.add_argument("--radius", type=float, default=16)
-    p.add_argument("--down-factor", type=int, default=None, help="add down-sampled global tokens (e.g. 4)")
-    p.add_argument("--prompt", action="append", default=None, help="training prompt (repeatable)")
-    p.add_argument("--prompts-file", default=None, help="text file, one prompt per line")
-    p.add_argument("--num-samples", type=int, default=8, help="teacher samples to generate")
-    p.add_argument("--sample-steps", type=int, default=None, help="teacher sampling steps")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=3.5)
-    p.add_argument("--max-steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
-    p.add_argument("--dtype", default=None, help="load the model in float32 (default), bf16 or fp16")
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--checkpoint-dir", default=None)
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=_cli)
+    """The `clear` command line; its arguments live in `attnedit.train.cli` (no torch import for --help)."""
+    from .cli import add_clear_parser
+
+    add_clear_parser(sub)
 
 
 def _cli(args: argparse.Namespace) -> int:
