@@ -100,6 +100,16 @@ def test_training_smoke_saves_a_loadable_pipeline(tmp_path):
     assert pipe.family.name == "sd" and pipe.default_size() == (64, 64)
     image = pipe("a red circle", steps=2, seed=0).image
     assert image.size == (64, 64)
+    # saved as float16, configs asking for float32 (plain diffusers loads it in one dtype), settings kept
+    import json
+
+    assert json.loads((out / "text_encoder" / "config.json").read_text())["dtype"] == "float32"
+    settings = out / "attnedit.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "attencraft": {"num_class_images": 3}}))
+    from attnedit.testbed.train import write_pipeline
+
+    write_pipeline(pipe.pipe, out, {"steps": 7})
+    assert json.loads(settings.read_text())["attencraft"] == {"num_class_images": 3}
 
 
 def test_dit_training_smoke_saves_a_loadable_flux_pipeline(tmp_path):

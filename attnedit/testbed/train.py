@@ -316,10 +316,28 @@ def save_pipeline(out: Path, vae, text, unet, tok, scale: float, meta: dict) -> 
         vae=vae, text_encoder=copy.deepcopy(text), tokenizer=tok, unet=copy.deepcopy(unet),
         scheduler=ddim_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    write_pipeline(pipe, out, meta)
+
+
+def write_pipeline(pipe, out: Path, meta: dict) -> None:
+    """Save `pipe` as float16 safetensors whose configs ask for float32, plus its `attnedit.json`.
+
+    Plain diffusers `from_pretrained` then loads every component in float32 (transformers loads a
+    checkpoint in the dtype its config names); settings other tools keep in attnedit.json (an
+    "attencraft" block) survive a retraining.
+    """
     pipe.to(torch.float16)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    (out / "attnedit.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for config in out.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if data.get(key) == "float16":
+                data[key] = "float32"
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    settings = out / "attnedit.json"
+    kept = json.loads(settings.read_text()) if settings.is_file() else {}
+    settings.write_text(json.dumps({**kept, **meta}, indent=2) + "\n")
 
 
 def install_vae(folder: str | os.PathLike, checkpoint: str | os.PathLike) -> None:

@@ -39,6 +39,7 @@ from .train import (
     jsonl_log,
     lr_at,
     tokenize,
+    write_pipeline,
 )
 from .world import VOCABULARY
 
@@ -216,15 +217,12 @@ def run(args: argparse.Namespace) -> int:
             torch.save(state, work / "checkpoint.tmp")
             os.replace(work / "checkpoint.tmp", ckpt)
     pipe = make_pipeline(vae, ema_models[0], tok, ema_models[1], t5_tok, ema_models[2], shift, scale)
-    pipe.to(torch.float16)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
     meta = {"steps": 20, "guidance": 4.0, "height": 64, "width": 64, "call": {"max_sequence_length": T5_LENGTH},
             "trained": {"seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                         "final_loss": loss_ema, "shift_factor": shift, "scaling_factor": scale,
                         "wall_s": round(time.time() - t0, 1)}}
-    (out / "attnedit.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_pipeline(pipe, out, meta)
     log({"stage": "saved", "out": str(out), **meta["trained"]})
     print(json.dumps(meta, indent=2))
     return 0
