@@ -41,6 +41,7 @@ _NAMES = {
     "AttentionStore": ".store",
     "InputError": ".validate",
     "consistent": ".methods.masactrl",
+    "ir_diffusion": ".methods.ir_diffusion",
     "edit": ".inversion",
     "invert": ".inversion",
 }
@@ -92,6 +93,7 @@ __all__ = [
     "controlled",
     "edit",
     "invert",
+    "ir_diffusion",
     "kernels",
     "load",
     "make_control",

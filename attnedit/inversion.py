@@ -269,7 +269,7 @@ def invert(
     edit_pipe,
     image: Any,
     prompt: str = "",
-    steps: int = 50,
+    steps: int | None = None,
     *,
     guidance: float = 1.0,
     fit: str = "resize",
@@ -282,7 +282,7 @@ def invert(
     `Inversion` with the inverted latent and every intermediate latent.
     """
     validate.text("prompt", prompt, empty=True)
-    steps = validate.steps(steps)
+    steps = validate.steps(steps) if steps is not None else edit_pipe.default_steps()
     guidance = validate.guidance(guidance)
     validate.choice("fit", fit, _FITS)
     validate.text("negative_prompt", negative_prompt, empty=True)
@@ -371,7 +371,7 @@ def edit(
     control: Control | None = None,
     *,
     controls: Sequence[Control] = (),
-    steps: int = 50,
+    steps: int | None = None,
     guidance: float | None = None,
     inversion: Inversion | None = None,
     inversion_prompt: str = "",
@@ -394,7 +394,7 @@ def edit(
                                       "inversion; do not pass it")
     edit_pipe.check_pipe_kwargs(kw, "edit", ["control", "controls", "steps", "guidance", "inversion",
                                              "inversion_prompt", "follow_source", "fit", "negative_prompt"])
-    steps = validate.steps(steps)
+    steps = validate.steps(steps) if steps is not None else edit_pipe.default_steps()
     if guidance is not None:
         guidance = validate.guidance(guidance)
     validate.text("inversion_prompt", inversion_prompt, empty=True)
@@ -406,7 +406,7 @@ def edit(
         from .methods.masactrl import MasaCtrl
 
         control = MasaCtrl()
-    guidance = float(guidance) if guidance is not None else edit_pipe.family.default_guidance
+    guidance = float(guidance) if guidance is not None else edit_pipe.recommended()["guidance"]
     if inversion is None:
         # FLUX's guidance is an input embedding (no CFG): invert with the value sampling will use
         inv_guidance = guidance if edit_pipe.family.name == "flux" else 1.0

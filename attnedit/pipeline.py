@@ -561,7 +561,7 @@ class EditPipeline:
             kwargs.pop("negative_prompt")
         return kwargs
 
-    def invert(self, image: Any, prompt: str = "", steps: int = 50, **kw: Any):
+    def invert(self, image: Any, prompt: str = "", steps: int | None = None, **kw: Any):
         """Invert a real image into initial noise (DDIM for UNets, Euler for flow models).
 
         See `attnedit.inversion.invert`; returns the inverted latent and every intermediate one.

@@ -183,7 +183,7 @@ class AttentionStore(Control):
         if not self.state.selfmaps:
             raise ValueError("no self-attention maps: use AttentionStore(self_attention=True)")
         grids = sorted({self.state.grids[n] for n in self.state.selfmaps}, key=lambda g: -g[0] * g[1])
-        target = grid or grids[-1]
+        target = grid or grids[0]  # the largest grid kept, as word_map and token_maps default to
         if not (0 <= y < target[0] and 0 <= x < target[1]):
             raise ValueError(f"pixel ({y}, {x}) is outside the {target[0]}x{target[1]} grid")
         names = [n for n in self.state.selfmaps if self.state.grids[n] == target]

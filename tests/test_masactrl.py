@@ -50,7 +50,7 @@ def test_sources_identical_targets_changed(sd):
     alone = sd.generate(PROMPTS[0], seed=5).images[0]  # alone: other batch size, CPU kernels may round differently
     assert np.abs(_arr(on.images[0]) - _arr(alone)).max() <= 2
     assert all(not _same(a, b) for a, b in zip(on.images[1:], plain.images[1:]))  # the control acts
-    assert on.records["masactrl"]["reads_from"] == {1: 0, 2: 0, 4: 3, 5: 3}  # per CFG half
+    assert on.records["masactrl"]["reads_from"] == {1: 0, 2: 0}  # images 1 and 2 read image 0 (both CFG halves)
 
 
 def test_identical_prompts_target_equals_source(sd):
@@ -316,4 +316,4 @@ def test_stock_pipeline_sample_zero_is_the_source(sd):
         out = sd.pipe(["a cat", "a cat running"], latents=latents, num_inference_steps=4).images
     plain = sd.pipe(["a cat", "a cat running"], latents=latents, num_inference_steps=4).images
     assert _same(out[0], plain[0]) and not _same(out[1], plain[1])
-    assert control.records()["reads_from"] == {1: 0, 3: 2}
+    assert control.records()["reads_from"] == {1: 0}

@@ -669,7 +669,7 @@ def ir_diffusion(
     make_control("reposition", {**opts, "target_boxes": whole, "reference_boxes": whole}).check_family(edit_pipe.family)
     n = len(refs) + 1
     guidance = kw.get("guidance")
-    guidance = float(guidance) if guidance is not None else edit_pipe.family.default_guidance
+    guidance = float(guidance) if guidance is not None else edit_pipe.recommended()["guidance"]
     cfg = guidance > 1.0 and edit_pipe.family.name != "flux"
     layout = BatchLayout.standard(n, cfg, groups=[0] * n, roles=["source"] * len(refs) + ["target"])
     followers: list[Control] = []

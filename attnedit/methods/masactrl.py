@@ -359,7 +359,8 @@ class MasaCtrl(Control):
     def records(self) -> dict[str, Any]:
         out: dict[str, Any] = {"layers": sorted(self.selected_layers)}
         if self.state.sources:
-            out["reads_from"] = {r: s for r, s in enumerate(self.state.sources[1]) if r != s}
+            layout, src = self.state.sources  # image -> the image it reads from (its source), CFG halves alike
+            out["reads_from"] = {layout.rows[r].sample: layout.rows[s].sample for r, s in enumerate(src) if r != s}
         if self.state.last_masks:
             out["auto_masks"] = dict(self.state.last_masks)
         return out
@@ -412,7 +413,7 @@ def consistent(
     if kw.get("num_images", 1) != 1:
         raise ValueError("consistent() makes one image per prompt; repeat target prompts for more")
     guidance = kw.get("guidance")
-    guidance = float(guidance) if guidance is not None else edit_pipe.family.default_guidance
+    guidance = float(guidance) if guidance is not None else edit_pipe.recommended()["guidance"]
     cfg = guidance > 1.0 and edit_pipe.family.name != "flux"
     layout = BatchLayout.standard(len(prompts), cfg, groups=groups, roles=roles)
     control = control if control is not None else MasaCtrl()

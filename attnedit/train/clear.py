@@ -130,7 +130,7 @@ def teacher_samples(
 
 
 def distill_clear(
-    model: str = "tiny-flux",
+    model: str = "shapes-dit",
     out: str | os.PathLike = "clear-adapter.safetensors",
     *,
     radius: float = 16,

@@ -96,7 +96,8 @@ CLEAR_PRECISIONS = ("no", "fp16", "bf16")
 
 def add_clear_parser(recipes: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = recipes.add_parser("clear", help="distil a CLEAR local-attention student (FLUX-architecture DiTs)")
-    p.add_argument("--model", default="tiny-flux", help="teacher model (hub id, folder, bundled name, tiny-flux)")
+    p.add_argument("--model", default="shapes-dit",
+                   help="teacher model: a DiT (hub id, folder, bundled name; default the bundled shapes-dit)")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     p.add_argument("--radius", type=float, default=16)
     p.add_argument("--down-factor", type=int, default=None, help="add down-sampled global tokens (e.g. 4)")
