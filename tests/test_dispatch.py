@@ -110,3 +110,18 @@ def test_capture_without_grad_uses_sdpa_lse_and_agrees_with_the_autograd_path(ma
     q.requires_grad_(True)
     _, with_grad = torch_attention(q, k, v, regions=regions, capture=capture)
     assert with_grad.grad_fn is not None and torch.allclose(with_grad, expected, atol=1e-6)
+
+
+def test_the_kernels_folder_does_not_shadow_the_pypi_kernels_package():
+    """transformers imports the PyPI package `kernels`; run from a checkout (the repository root on sys.path), a
+    top-level `kernels` package of ours would shadow it and break every model load. So `kernels/` holds the kernel
+    files without an `__init__.py`, and `attnedit/kernels/` (the package) links each of them."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert not (root / "kernels" / "__init__.py").exists()
+    files = {p.name for p in (root / "kernels").glob("*.py")}
+    links = {p.name for p in (root / "attnedit" / "kernels").glob("*.py") if p.is_symlink()}
+    assert files == links, f"kernel files without a link in attnedit/kernels: {sorted(files - links)}"
+    for name in files:
+        assert (root / "attnedit" / "kernels" / name).resolve() == (root / "kernels" / name).resolve()

@@ -1,0 +1,1 @@
+../../kernels/flash_attention.py

@@ -1,0 +1,1 @@
+../../kernels/local_window_attention.py

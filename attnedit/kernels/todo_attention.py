@@ -1,0 +1,1 @@
+../../kernels/todo_attention.py
