@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import window_mask
 from .flash_attention import (
     LOG2E,
     block_d_for,
@@ -32,6 +31,7 @@ from .flash_attention import (
     tiles,
     upcast_dots,
 )
+from .reference import window_mask
 from .types import LocalWindow
 
 
@@ -172,7 +172,7 @@ def local_window_attention(
 def reference_local_window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: LocalWindow, *, scale: float | None = None
 ) -> torch.Tensor:
-    """Dense-mask definition in fp32 (`dispatch.window_mask`); small sizes only."""
+    """Dense-mask definition in fp32 (`reference.window_mask`); small sizes only."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     keep = window_mask(window, q.shape[1], k.shape[1], q.device)
     logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale

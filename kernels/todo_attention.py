@@ -1,10 +1,10 @@
 """ToDo attention in Triton: K/V downsampled on the fly while they stream through SRAM.
 
-The unfused path writes a downsampled copy of K and V (`dispatch.downsample_kv`) and then runs
+The unfused path writes a downsampled copy of K and V (`reference.downsample_kv`) and then runs
 SDPA. Here the kernel iterates over the *downsampled* key sequence
 `[before (start) | out_grid cells | after]` and maps each cell to its full-resolution tokens:
 "nearest" reads the cell's top-left token, "nearest-exact" token f//2 of each axis (torch's
-`interpolate` rule, `dispatch.grid_centres`), "avg" sums the cell's valid tokens in fp32 and divides by their count
+`interpolate` rule, `reference.grid_centres`), "avg" sums the cell's valid tokens in fp32 and divides by their count
 (partial border cells included), rounding to the input dtype as the reference does. Tokens outside
 the image range are read as they are. No downsampled tensor is ever allocated.
 """
@@ -18,7 +18,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import downsample_kv
 from .flash_attention import (
     LOG2E,
     block_d_for,
@@ -32,6 +31,7 @@ from .flash_attention import (
     tiles,
     upcast_dots,
 )
+from .reference import downsample_kv
 from .types import KVDownsample
 
 MODES = {"nearest": 0, "nearest-exact": 1, "avg": 2}
@@ -161,7 +161,7 @@ def todo_attention(
 def reference_todo_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, downsample: KVDownsample, *, scale: float | None = None
 ) -> torch.Tensor:
-    """The unfused definition: `dispatch.downsample_kv` then SDPA (fp32)."""
+    """The unfused definition: `reference.downsample_kv` then SDPA (fp32)."""
     k_small, v_small = downsample_kv(k, downsample), downsample_kv(v, downsample)
     q32, k32, v32 = (x.float().transpose(1, 2) for x in (q, k_small, v_small))
     return F.scaled_dot_product_attention(q32, k32, v32, scale=scale).transpose(1, 2).to(q.dtype)

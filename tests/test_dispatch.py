@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,6 +112,128 @@ def test_capture_without_grad_uses_sdpa_lse_and_agrees_with_the_autograd_path(ma
     q.requires_grad_(True)
     _, with_grad = torch_attention(q, k, v, regions=regions, capture=capture)
     assert with_grad.grad_fn is not None and torch.allclose(with_grad, expected, atol=1e-6)
+
+# ----------------------------------------------------------------------------- the backend registry
+
+
+@pytest.fixture
+def registry_state(monkeypatch):
+    """Backends registered by a test are removed after it, and the fallback warnings start afresh."""
+    from attnedit.kernels import dispatch
+
+    before = dict(dispatch.BACKENDS)
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    yield dispatch
+    dispatch.BACKENDS.clear()
+    dispatch.BACKENDS.update(before)
+
+
+def test_auto_on_the_cpu_explains_why_triton_is_not_taken():
+    q = torch.randn(1, 6, 2, 8)
+    e = kernels.explain(q, q, q, backend="auto")
+    assert (e.choice, e.backend, e.error) == ("auto", "torch", None)
+    assert e.refused["triton"].constraint == "auto_devices"
+    assert e.refused["triton"].reason == "'auto' takes it for cuda tensors only, not cpu"
+    assert str(e).splitlines()[0] == "auto -> torch" and "auto_devices" in str(e)
+    assert kernels.explain(q, q, q, backend="torch").backend == "torch"
+    with pytest.raises(ValueError, match="choose one of auto, torch, triton"):
+        kernels.explain(q, q, q, backend="cuda")
+
+
+def test_triton_declared_constraints_are_checked_before_triton_is_needed(monkeypatch):
+    """Forward-only and the device are decided by the dispatch's declaration, before triton_backend is imported."""
+    from attnedit.kernels import dispatch
+
+    q = torch.randn(1, 4, 1, 8, requires_grad=True)
+    e = kernels.explain(q, q, q, backend="triton")
+    assert e.backend == "torch" and e.refused["triton"].constraint == "forward_only"
+    assert e.refused["triton"].reason == "gradients must flow (the kernels are forward-only)"
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    e = kernels.explain(q.detach(), q.detach(), q.detach(), backend="triton")
+    assert e.backend is None and e.refused["triton"].constraint == "cuda_or_interpreter"
+    assert e.refused["triton"].reason == "CPU tensors need TRITON_INTERPRET=1" and e.refused["triton"].unavailable
+    assert "use('triton') was forced but cannot run here" in e.error and "use('torch') on the CPU" in e.error
+    with pytest.raises(ValueError, match="no attention backend 'nope'"):
+        dispatch.get_backend("nope")
+
+
+def _only_with_regions(q, k, v, *, regions=None, **_):
+    return None if regions is not None else "needs region labels"
+
+
+def _cpu_only(q, k, v, **_):
+    return None if q.device.type == "cpu" else f"{q.device.type} tensors are not supported"
+
+
+def test_a_third_backend_registers_with_constraints(registry_state):
+    calls = []
+
+    @kernels.register_backend("mine", constraints=[_cpu_only, _only_with_regions], auto_devices=("cpu",))
+    def mine(q, k, v, **features):
+        calls.append(sorted(name for name, value in features.items() if value is not None))
+        return kernels.torch_attention(q, k, v, **features)
+
+    assert kernels.backend_names() == ["torch", "triton", "mine"]
+    assert [c.__name__ for c in registry_state.get_backend("mine").all_constraints()] == ["_cpu_only",
+                                                                                           "_only_with_regions"]
+    q, k, v = (torch.randn(1, 6, 2, 8) for _ in range(3))
+    regions = RegionMask(torch.zeros(1, 6, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long),
+                         torch.ones(1, 1, dtype=torch.bool))
+    # "auto" takes it on its devices when its constraints pass, else falls back silently
+    assert kernels.explain(q, k, v, regions=regions).backend == "mine"
+    kernels.attention(q, k, v, regions=regions)
+    assert calls == [["regions"]]
+    e = kernels.explain(q, k, v)
+    assert e.backend == "torch" and e.refused["mine"].reason == "needs region labels"
+    assert e.refused["mine"].constraint == "_only_with_regions"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.attention(q, k, v)
+    assert len(calls) == 1
+    # forced: falls back to PyTorch with one warning per distinct reason
+    with kernels.using("mine"):
+        assert kernels.current() == "mine"
+        with pytest.warns(UserWarning, match=r"use\('mine'\): a call runs on PyTorch instead: needs region labels"):
+            out = kernels.attention(q, k, v)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(kernels.attention(q, k, v), out)
+    assert torch.equal(out, kernels.torch_attention(q, k, v)[0])
+    kernels.unregister_backend("mine")
+    with pytest.raises(ValueError, match="choose one of auto, torch, triton"):
+        kernels.use("mine")
+
+
+def test_the_older_registration_form_and_an_unimportable_declared_backend(registry_state):
+    q = torch.randn(1, 4, 1, 8)
+    kernels.register_backend("legacy", lambda q, k, v, **f: f["mask"] is None, kernels.torch_attention)
+    e = kernels.explain(q, q, q, backend="legacy", mask=torch.ones(4, 4, dtype=torch.bool))
+    assert e.backend == "torch" and e.refused["legacy"].reason.endswith("() is False")
+    assert kernels.explain(q, q, q, backend="legacy").backend == "legacy"
+    kernels.register_backend("ghost", module="attnedit.kernels._no_such_module", constraints=[_cpu_only],
+                             auto_devices=("cpu",))
+    e = kernels.explain(q, q, q, backend="auto")
+    assert e.backend == "torch" and e.refused["ghost"].constraint == "importable"
+    assert "ghost is not importable" in e.refused["ghost"].reason
+    with kernels.using("ghost"), pytest.raises(RuntimeError, match="use\\('ghost'\\) was forced but cannot run here"):
+        kernels.attention(q, q, q)
+    with pytest.raises(ValueError, match="fallback"):
+        kernels.unregister_backend("torch")
+
+
+def test_only_the_dispatch_imports_the_dispatch():
+    """No cycle: kernels, references and backends import `types`, `reference`, `registry` and each other, never
+    `dispatch`, which imports the backends (the Triton one lazily, through its declaration)."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "kernels").glob("*.py"):
+        if path.name == "dispatch.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.module != "dispatch", f"{path.name} imports the dispatch"
+                assert node.module or all(a.name != "dispatch" for a in node.names), path.name
 
 
 def test_the_kernels_folder_does_not_shadow_the_pypi_kernels_package():

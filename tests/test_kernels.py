@@ -264,6 +264,95 @@ def test_backend_supports():
     assert dispatch._BACKENDS["triton"].run is backend.run
 
 
+def _constraint_cases():
+    """(name, q/k/v, features, constraint, reason) on hand-built cases, one per constraint of the Triton backend."""
+    q, k, v = _qkv(1, 20, 20, 2, 64, torch.float16)
+    win, ds = LocalWindow((4, 5), 2.0), KVDownsample((4, 5), (2, 2))
+    regions = _regions(1, 20, 20, batched=False)
+    wide = _qkv(1, 20, 20, 2, 320, torch.float16)
+    lab = regions.q_labels
+    return [
+        ("mask", (q, k, v), dict(mask=torch.ones(20, 20, dtype=torch.bool)), "no_dense_mask",
+         "dense masks are not supported"),
+        ("device", (q, k.to("meta"), v.to("meta")), {}, "one_device", "q, k, v are on different devices"),
+        ("3-d", (q[0], k[0], v[0]), {}, "bshd_shapes", "q, k, v must be 4-D (batch, seq, heads, head_dim)"),
+        ("k-v", (q, k, v[:, :10]), {}, "bshd_shapes", "k (1, 20, 2, 64) and v (1, 10, 2, 64) differ in shape"),
+        ("heads", (q, k[:, :, :1], v[:, :, :1]), {}, "bshd_shapes", "q and k differ in batch, heads or head_dim"),
+        ("mixed", (q, k.float(), v), {}, "kernel_dtype", "q, k, v differ in dtype"),
+        ("double", (q.double(), k.double(), v.double()), {}, "kernel_dtype",
+         "dtype float64 is not one of float16, bfloat16, float32"),
+        ("head-dim", wide, {}, "head_dim", "head_dim 320 > 256"),
+        ("two-features", (q, k, v), dict(window=win, downsample=ds), "one_feature",
+         "regions, downsample and window are fused one at a time"),
+        ("capture-ds", (q, k, v), dict(downsample=ds, capture=torch.tensor([0])), "capture_without_resampling",
+         "capture is fused with plain and region attention only (not downsample or window)"),
+        ("labels", (q, k, v), dict(regions=RegionMask(lab[:, :5], regions.k_labels, regions.allowed)),
+         "region_labels", "region labels must be (1, 20) and (1, 20)"),
+        ("table", (q, k, v), dict(regions=RegionMask(lab, regions.k_labels, regions.allowed.expand(2, 4, 4))),
+         "region_labels", "a (B, R, R) region table needs B = batch size"),
+        ("bilinear", (q, k, v), dict(downsample=KVDownsample((4, 5), (2, 2), "bilinear")), "fused_downsample",
+         "downsample mode 'bilinear' is not fused (only nearest, nearest-exact, avg)"),
+        ("factor", (q, k, v), dict(downsample=KVDownsample((4, 5), (0, 2))), "fused_downsample",
+         "downsample factor (0, 2) is not >= 1"),
+        ("avg-cell", (q, k, v), dict(downsample=KVDownsample((4, 5), (9, 9), "avg")), "fused_downsample",
+         "avg cells of 9x9 tokens > 64"),
+        ("image-range", (q, k, v), dict(downsample=KVDownsample((4, 5), (2, 2), start=3)), "fused_downsample",
+         "the image tokens [3, 23) exceed the 20 keys"),
+        ("window", (q, k, v), dict(window=LocalWindow((4, 4), 2.0)), "window_layout",
+         "a local window needs Nq = Nk = text_len + h*w = 16"),
+        ("capture-2d", (q, k, v), dict(capture=torch.tensor([[1, 2]])), "capture_indices",
+         "capture must be a 1-D tensor of key indices"),
+        ("capture-range", (q, k, v), dict(capture=torch.tensor([20])), "capture_indices",
+         "capture indices outside [0, 20)"),
+    ]
+
+
+def test_every_constraint_says_why_on_a_hand_built_case():
+    cases = _constraint_cases()
+    assert {c[3] for c in cases} == {check.__name__ for check in backend.CONSTRAINTS}
+    for label, (q, k, v), features, constraint, reason in cases:
+        e = dispatch.explain(q, k, v, backend="triton", **features)
+        assert (e.backend, e.error) == ("torch", None), label
+        refusal = e.refused["triton"]
+        assert (refusal.constraint, refusal.reason) == (constraint, reason), label
+        assert backend.refusal(q, k, v, **features) == reason and not backend.supports(q, k, v, **features)
+    q, k, v = _qkv(1, 20, 20, 2, 64, torch.float16)
+    assert dispatch.explain(q, k, v, backend="triton", regions=_regions(1, 20, 20, False),
+                            capture=torch.tensor([1, 2])).backend == "triton"
+    triton_entry = dispatch.get_backend("triton")
+    names = [check.__name__ for check in triton_entry.all_constraints()]
+    assert names[:2] == ["forward_only", "cuda_or_interpreter"] and triton_entry.auto_devices == ("cuda",)
+
+
+def test_forced_triton_falls_back_with_one_warning_per_reason(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    q, k, v = _qkv(1, 12, 12, 2, 32, torch.float32, seed=13)
+    mask = torch.rand(12, 12, device=DEVICE) > 0.3
+    mask[:, 0] = True
+    with dispatch.using("triton"):
+        with pytest.warns(UserWarning) as caught:
+            out = dispatch.attention(q, k, v, mask=mask)
+            again = dispatch.attention(q, k, v, mask=~mask | (torch.arange(12, device=DEVICE) == 0))
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1 and "runs on PyTorch instead: dense masks are not supported" in messages[0]
+        assert "[no_dense_mask]" in messages[0]
+        with pytest.warns(UserWarning, match="head_dim 320 > 256"):
+            dispatch.attention(*_qkv(1, 4, 4, 1, 320, torch.float32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dispatch.attention(q, k, v, mask=mask)  # that reason was given already
+            plain = dispatch.attention(q, k, v)  # the kernels take it: nothing to say
+    _close(out, dispatch.torch_attention(q, k, v, mask=mask)[0], torch.float32)
+    _close(again, dispatch.torch_attention(q, k, v, mask=~mask | (torch.arange(12, device=DEVICE) == 0))[0],
+           torch.float32)
+    _close(plain, fa.reference_flash_attention(q, k, v)[0], torch.float32)
+    with warnings.catch_warnings():  # "auto" falls back silently
+        warnings.simplefilter("error")
+        dispatch.attention(q, k, v, mask=mask)
+
+
 def test_backend_run_matches_torch_path():
     q, k, v = _qkv(2, 30, 30, 2, 40, torch.float32, seed=9)
     regions = _regions(2, 30, 30, batched=True, seed=10)

@@ -1,0 +1,1 @@
+../../kernels/torch_backend.py
