@@ -981,7 +981,7 @@ def group_layout(pipe: Any, units: Sequence[Unit], guidance: float):
     """Source/target roles of a `together` group for the controls that relate images (MasaCtrl)."""
     from .layout import BatchLayout
 
-    cfg = guidance > 1.0 and pipe.family.name != "flux"
+    cfg = pipe.family.uses_cfg(guidance)
     return BatchLayout.standard(len(units), cfg, groups=[0] * len(units), roles=[u.role for u in units])
 
 
@@ -996,7 +996,7 @@ def check_with_model(pipe: Any, prompts: list[str], settings: dict[str, Any], co
     h, w, stride = settings["height"], settings["width"], pipe.pixel_stride
     if h % stride or w % stride:
         raise ValueError(f"image size {h}x{w} is not a multiple of {stride} for this model")
-    cfg = settings["guidance"] > 1.0 and pipe.family.name != "flux"
+    cfg = pipe.family.uses_cfg(settings["guidance"])
     pipe.pipe.scheduler.set_timesteps(settings["steps"])
     layout = None
     if len(prompts) > 1:

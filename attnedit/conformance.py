@@ -52,7 +52,7 @@ def registered() -> dict[str, type[Control]]:
 
 def refusal(cls: type[Control], family: str) -> str | None:
     """Why `cls` is refused on `family` (None: it runs there), as its error message says it."""
-    if cls.families is not None and family not in cls.families:
+    if not cls.runs_on(FAMILIES[family]):
         return cls.unsupported
     return None
 
@@ -86,7 +86,7 @@ def _layout(edit_pipe: Any, example: Example):
     if not example.together:
         return None
     n = len(example.prompts)
-    cfg = edit_pipe.recommended()["guidance"] > 1.0 and edit_pipe.family.name != "flux"
+    cfg = edit_pipe.family.uses_cfg(edit_pipe.recommended()["guidance"])
     return BatchLayout.standard(n, cfg, groups=[0] * n, roles=["source"] + ["target"] * (n - 1))
 
 

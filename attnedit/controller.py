@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from .controls import NEEDS_PROMPT, PHASES, CallContext, Control
-from .families import Family, family_of, text_segments
-from .layers import LayerInfo, LayerRegistry, build_registry
+from .families import Family, ForwardInfo, families_with, family_of
+from .layers import LayerInfo, LayerRegistry
 from .layout import BatchLayout
 from .processor import AttnEditProcessor
 from .tokens import TokenIndex, index_prompt
@@ -57,7 +57,24 @@ class Run:
     cfg: bool | None = None
     layout: BatchLayout | None = None
     max_sequence_length: int | None = None
-    data: dict[str, Any] = field(default_factory=dict)  # shared scratch space between controls
+    text_options: dict[str, Any] = field(default_factory=dict)  # the call's values of `family.text_options`
+    _controller: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def controls(self) -> tuple[Control, ...]:
+        """Every control of this installation (a method refusing a combination reads the others here)."""
+        return tuple(self._controller.controls) if self._controller is not None else ()
+
+    @property
+    def forward(self) -> ForwardInfo:
+        """Latent size, image-token grid and text length of the denoiser forward in progress (or the last)."""
+        return self._controller.forward_info if self._controller is not None else ForwardInfo(None, None, 0)
+
+    def pass_phase(self, phase: str, layout: BatchLayout | None = None, step: int | None = None):
+        """Run the forwards inside as another phase ("guidance", "inversion"); see `Controller.pass_phase`."""
+        if self._controller is None:
+            raise RuntimeError("this run belongs to no installed controller")
+        return self._controller.pass_phase(phase, layout=layout, step=step)
 
     def tokens_of_sample(self, sample: int) -> TokenIndex:
         """Token index of the prompt that image `sample` of the batch was generated from."""
@@ -66,7 +83,7 @@ class Run:
         return self.tokens[min(sample // max(self.num_images_per_prompt, 1), len(self.tokens) - 1)]
 
     def index_prompts(self, prompts: list[str]) -> None:
-        segs = text_segments(self.pipe, self.family, self.max_sequence_length)
+        segs = self.family.text_segments(self.max_sequence_length)
         self.prompts = list(prompts)
         self.tokens = [index_prompt(p, segs) for p in self.prompts]
 
@@ -79,11 +96,11 @@ class Controller:
             if not isinstance(c, Control):
                 raise TypeError(f"attnedit controls must be Control instances, got {type(c).__name__}")
         self.pipe = pipe
-        self.family: Family = family_of(pipe)
-        self.denoiser: torch.nn.Module = denoiser if denoiser is not None else getattr(pipe, self.family.denoiser)
-        self.registry = _registry(self.denoiser, self.family.name)
+        self.family: Family = family_of(pipe, denoiser)
+        self.denoiser: torch.nn.Module = self.family.denoiser
+        self.registry = _registry(self.family)
         self.controls = list(controls)
-        self.run = Run(pipe=pipe, family=self.family, registry=self.registry)
+        self.run = Run(pipe=pipe, family=self.family, registry=self.registry, _controller=self)
         # per-forward state
         self.step = 0
         self.timestep: float | None = None
@@ -91,9 +108,7 @@ class Controller:
         self.phase = "denoise"
         self.layout: BatchLayout | None = None
         self.layout_override: BatchLayout | None = None
-        self.latent_hw: tuple[int, int] | None = None
-        self.image_grid: tuple[int, int] | None = None
-        self.text_len = 0
+        self.forward_info = ForwardInfo(None, None, 0)  # latent size, image grid, text length of this forward
         self._grids: dict[str, tuple[int, int]] = {}
         self._active_cache: dict[str, list[Control]] | None = None
         self._active_key: tuple | None = None
@@ -125,7 +140,10 @@ class Controller:
         for key, original in self._saved_processors.items():
             name = key[: -len(".processor")]
             info = self.registry.layers.get(name)
-            procs[key] = AttnEditProcessor(info, self, original) if info is not None else original
+            if info is None:
+                procs[key] = original
+            else:
+                procs[key] = self.family.processor_class(self.registry.modules[name])(info, self, original)
         try:
             self.denoiser.set_attn_processor(procs)
             self._handles.append(self.denoiser.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
@@ -133,10 +151,9 @@ class Controller:
             decoder = getattr(getattr(self.pipe, "vae", None), "decoder", None)
             if isinstance(decoder, torch.nn.Module):
                 self._handles.append(decoder.register_forward_hook(self._post_decode))
-            if self.family.arch == "unet":
-                for parent in {n.split(".transformer_blocks.")[0] for n in self.registry.layers}:
-                    module = self.denoiser.get_submodule(parent)
-                    self._handles.append(module.register_forward_pre_hook(self._grid_hook(parent)))
+            for parent in self.family.level_modules(self.registry):
+                module = self.denoiser.get_submodule(parent)
+                self._handles.append(module.register_forward_pre_hook(self._grid_hook(parent)))
             if hasattr(self.denoiser, "cache_context"):
                 # FLUX runs true-CFG's uncond pass as a separate forward under cache_context("uncond");
                 # an instance attribute already there (a user's own wrapper) is wrapped and put back
@@ -205,7 +222,7 @@ class Controller:
             raise ValueError(
                 f"{names} update(s) the latents between denoising steps through `callback_on_step_end`, which "
                 f"{type(self.pipe).__name__} does not have, so it would do nothing here; it runs on "
-                f"{', '.join(f.label for f in step_callback_families())}"
+                f"{', '.join(f.label for f in families_with('step_callback'))}"
             )
 
     # ------------------------------------------------------------------------------ run lifecycle
@@ -220,6 +237,7 @@ class Controller:
         cfg: bool | None = None,
         layout: BatchLayout | None = None,
         max_sequence_length: int | None = None,
+        text_options: dict[str, Any] | None = None,
     ) -> Run:
         """Start a run explicitly (pipeline calls and the denoiser's first forward do this themselves)."""
         self.run = Run(
@@ -233,6 +251,8 @@ class Controller:
             cfg=cfg,
             layout=layout,
             max_sequence_length=max_sequence_length,
+            text_options=dict(text_options or {}),
+            _controller=self,
         )
         if prompts is not None:
             self.run.index_prompts(prompts)
@@ -294,6 +314,7 @@ class Controller:
         self._in_call = True
         self._loop_latents = None
         try:
+            self.family.check_call(params)
             self.begin_run(**self._run_arguments(params))
             if any(c.overrides("on_step_end") for c in self.controls):
                 user = params.get("callback_on_step_end")
@@ -330,19 +351,15 @@ class Controller:
             f = int(getattr(self.pipe, "vae_scale_factor", 8))
             height = height or (side * f if side else None)
             width = width or (side * f if side else None)
-        cfg = None
-        if not hasattr(stock_class(self.pipe), "do_classifier_free_guidance") and self.family.name != "flux":
-            # PixArt decides CFG in a local variable of its __call__, by the same rule
-            scale = params.get("guidance_scale")
-            cfg = scale is not None and float(scale) > 1.0
         out = dict(
             prompts=prompts,
-            cfg=cfg,
+            cfg=self.family.cfg_rows(None, params.get("guidance_scale")),
             num_images_per_prompt=int(params.get("num_images_per_prompt") or 1),
             num_steps=int(steps) if steps is not None else None,
             height=height,
             width=width,
             max_sequence_length=params.get("max_sequence_length"),
+            text_options={k: params[k] for k in self.family.text_options if params.get(k) is not None},
         )
         out.update(self._call_options)
         return out
@@ -420,22 +437,7 @@ class Controller:
         ehs = kwargs.get("encoder_hidden_states")
         if ehs is None and len(args) > 2 and isinstance(args[2], torch.Tensor):
             ehs = args[2]
-        fam = self.family.name
-        if fam in ("sd", "sdxl"):
-            self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-            self.image_grid = self.latent_hw
-        elif fam == "flux":
-            img_ids = kwargs.get("img_ids")
-            if img_ids is not None:
-                ids = img_ids[0] if img_ids.dim() == 3 else img_ids
-                self.image_grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
-            self.latent_hw = (self.image_grid[0] * 2, self.image_grid[1] * 2) if self.image_grid else None
-            self.text_len = int(ehs.shape[1]) if ehs is not None else 0
-        else:
-            p = self.registry.patch
-            self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-            self.image_grid = (self.latent_hw[0] // p, self.latent_hw[1] // p)
-            self.text_len = int(ehs.shape[1]) if ehs is not None else 0
+        self.forward_info = self.family.read_forward(sample, kwargs, ehs, self.forward_info)
         if self.timestep is None and self._forced_step is None:
             self._check_processors()
         self._track_step(t_val)
@@ -492,20 +494,7 @@ class Controller:
         if new is latents:
             return None
         latents.copy_(new)  # the tensor the pipeline's loop holds: the scheduler steps from x_t as updated
-        reps, rest = divmod(int(sample.shape[0]), int(latents.shape[0]))
-        if rest or tuple(sample.shape[1:]) != tuple(latents.shape[1:]):
-            raise RuntimeError(
-                f"the denoiser's first input {tuple(sample.shape)} is not the pipeline's latents "
-                f"{tuple(latents.shape)} repeated; attnedit cannot apply the step-0 update here"
-            )
-        x = latents.repeat(reps, *[1] * (latents.dim() - 1)) if reps > 1 else latents
-        if self.family.arch == "unet":
-            scheduler = self.pipe.scheduler
-            saved = getattr(scheduler, "_step_index", None)
-            x = scheduler.scale_model_input(x, t)
-            if hasattr(scheduler, "_step_index"):
-                scheduler._step_index = saved
-        return x.to(sample.dtype)
+        return self.family.model_input(latents, sample, t)
 
     def _check_processors(self) -> None:
         """Refuse to run when something replaced attnedit's processors after `apply`."""
@@ -553,7 +542,7 @@ class Controller:
         sched = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
         if sched is None or not len(sched):
             return None
-        target = t_val * (1000.0 / self.family.timestep_scale) if self.family.name == "flux" else t_val
+        target = self.family.schedule_value(t_val)
         diffs = (sched.float().cpu() - target).abs()
         i = int(diffs.argmin())
         return i if float(diffs[i]) <= 1e-3 * max(1.0, abs(target)) else None
@@ -563,7 +552,7 @@ class Controller:
         if layout is None:
             cfg = self.run.cfg
             if cfg is None:
-                cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and self.family.name != "flux"
+                cfg = bool(self.family.cfg_rows(bool(getattr(self.pipe, "do_classifier_free_guidance", False)), None))
             if cfg and batch % 2:
                 cfg = False
             only = "uncond" if self._pass_name == "uncond" else None
@@ -611,16 +600,22 @@ class Controller:
 
     def grid_of(self, layer: LayerInfo) -> tuple[int, int]:
         """The token grid (H, W) of `layer` in the current forward."""
-        if self.family.arch == "unet":
-            parent = layer.name.split(".transformer_blocks.")[0]
-            if parent in self._grids:
-                return self._grids[parent]
-            if self.latent_hw is None:
-                raise RuntimeError("grid requested before the denoiser ran")
-            return layer.grid(self.latent_hw)
-        if self.image_grid is None:
+        grid = self.family.grid_of_forward(self.forward_info, layer, self._grids)
+        if grid is None:
             raise RuntimeError("grid requested before the denoiser ran")
-        return self.image_grid
+        return grid
+
+    @property
+    def latent_hw(self) -> tuple[int, int] | None:
+        return self.forward_info.latent_hw
+
+    @property
+    def image_grid(self) -> tuple[int, int] | None:
+        return self.forward_info.image_grid
+
+    @property
+    def text_len(self) -> int:
+        return self.forward_info.text_len
 
     def context(self, layer, attn, hidden_states, encoder_hidden_states, image, text, n_q) -> CallContext:
         grid = self.grid_of(layer)
@@ -732,12 +727,6 @@ def pipeline_has_step_callback(pipe: Any) -> bool:
     return "callback_on_step_end" in inspect.signature(stock_class(pipe).__call__).parameters
 
 
-def step_callback_families() -> list[Family]:
-    from .families import FAMILIES
-
-    return [f for f in FAMILIES.values() if f.supports_step_callback]
-
-
 def _is_own_callback(callback: Any, controller: Controller) -> bool:
     return getattr(callback, "__self__", None) is controller and getattr(callback, "__name__", "") == "step_callback"
 
@@ -755,11 +744,12 @@ def _carry_backend_choice(denoiser: torch.nn.Module, saved: dict[str, Any]) -> N
 _REGISTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _registry(denoiser: torch.nn.Module, family: str) -> LayerRegistry:
+def _registry(family: Family) -> LayerRegistry:
     """The layer registry of a denoiser, built once: module names do not change between runs."""
+    denoiser = family.denoiser
     cached = _REGISTRIES.get(denoiser)
-    if cached is None or cached.family != family:
-        cached = build_registry(denoiser, family)
+    if cached is None or cached.family != family.name:
+        cached = family.build_registry(denoiser)
         _REGISTRIES[denoiser] = cached
     return cached
 

@@ -23,7 +23,7 @@ import inspect
 import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -33,6 +33,8 @@ from .layout import BatchLayout
 from .selectors import ALL, ALL_STEPS, Select, Steps, as_steps
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from .controller import Run
     from .families import Family
 
@@ -102,10 +104,14 @@ class Control:
     name: str = "control"
     #: passes this control joins by default
     phases: tuple[str, ...] = ("denoise",)
-    #: model families it acts on (None: every family); `bind` refuses the others with `unsupported`
-    families: tuple[str, ...] | None = None
+    #: family capabilities it needs (`attnedit.families.CAPABILITIES`); families without them are refused
+    requires: tuple[str, ...] = ()
     #: why the other families are refused (one clause, shown in errors and the README's support table)
     unsupported: str = ""
+    #: the control relates the images of one call, so a batch runs one group per call
+    cross_sample: ClassVar[bool] = False
+    #: options whose values name files, read relative to a job file
+    file_options: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def example(cls) -> Example | None:
@@ -155,15 +161,32 @@ class Control:
         self.check_steps(run)
         self.setup(run)
 
+    @classmethod
+    def runs_on(cls, family: Family | type[Family]) -> bool:
+        """Whether `family` has every capability this control `requires`."""
+        return all(family.has(c) for c in cls.requires)
+
     def check_family(self, family: Family) -> None:
-        """Refuse a model family outside `families` (the controller calls this when it is created)."""
-        if self.families is not None and family.name not in self.families:
+        """Refuse a family without a capability in `requires` (the controller calls this when it is created)."""
+        if not self.runs_on(family):
             from .families import FAMILIES
 
             raise ValueError(
                 f"{type(self).__name__} does not run on {family.label}: {self.unsupported}; it runs on "
-                f"{', '.join(FAMILIES[f].label for f in self.families)}"
+                f"{', '.join(f.label for f in FAMILIES.values() if self.runs_on(f))}"
             )
+
+    def use_layers(self, run: Run, names: Iterable[str]) -> None:
+        """Set the resolved layer selection to `names` (module names of this model).
+
+        For methods whose layers depend on their inputs, from their `bind` / `setup`: MasaCtrl's
+        mask-source layers, Reposition's mutual + isolation + cross sets, Isolation's map layers.
+        """
+        chosen = frozenset(names)
+        unknown = sorted(chosen - set(run.registry.layers))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: no attention layer named {unknown[0]!r} on this model")
+        self._selected = chosen
 
     def pick_layers(self, run: Run) -> list[LayerInfo]:
         """The layers `self.layers` selects on the run's model."""

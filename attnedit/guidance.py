@@ -50,9 +50,6 @@ from .tokens import STOP_WORDS, TokenIndex
 if TYPE_CHECKING:
     from .controller import Run
 
-GUIDED_FAMILIES = ("sd", "sdxl", "sd3", "flux")
-
-
 class _StopForward(Exception):
     """Raised inside the guidance forward once every needed map was captured (early exit)."""
 
@@ -160,10 +157,10 @@ def map_level(registry: LayerRegistry, native: int | None) -> int:
     return max(ok) if ok else min(levels)
 
 
-def default_map_layers(registry: LayerRegistry, family: str, native: int | None) -> list[LayerInfo]:
+def default_map_layers(registry: LayerRegistry, native: int | None) -> list[LayerInfo]:
     """Layers whose text maps the A&E / A-STAR losses average: UNet cross layers at `map_level`;
-    every joint layer on SD3 / FLUX (ours: no published choice exists)."""
-    if family in ("sd", "sdxl"):
+    every cross / joint layer of a DiT (ours: no published choice exists)."""
+    if registry.per_level:
         level = map_level(registry, native)
         return [i for i in registry.ordered() if i.kind == "cross" and i.level == level]
     return [i for i in registry.ordered() if i.kind in ("cross", "joint")]
@@ -197,7 +194,7 @@ class GuidanceControl(Control):
     """
 
     phases = ("denoise", "guidance")
-    families = GUIDED_FAMILIES
+    requires = ("step_callback", "text_maps")
     unsupported = "its pipelines have no step callback, so the latents cannot be updated between steps"
 
     def __init__(self, *, max_grad_norm: float | None = None, early_exit: bool = True, layers=None, steps=None) -> None:
@@ -217,7 +214,7 @@ class GuidanceControl(Control):
         if self._custom_layers:
             chosen = self.selected_layers
             return [i for i in run.registry.ordered() if i.name in chosen and i.kind in ("cross", "joint")]
-        return default_map_layers(run.registry, run.family.name, native_latent_side(_denoiser(run)))
+        return default_map_layers(run.registry, native_latent_side(run.family.denoiser))
 
     def capture_keys(self, ctx: CallContext) -> torch.Tensor | None:
         """Keys whose probabilities the loss needs at this layer (text positions by default)."""
@@ -399,13 +396,12 @@ class GuidanceControl(Control):
 
     def capture_pass(self, run: Run, z: torch.Tensor, step: int) -> dict[str, LayerMaps]:
         """One cond-only forward at step `step` capturing the guidance layers' maps."""
-        ctrl = run.pipe._attnedit_controller
         t = run.pipe.scheduler.timesteps[step]
         b = z.shape[0]
         self.state.maps = {}
         self.state.in_pass = True
         try:
-            with ctrl.pass_phase("guidance", layout=BatchLayout.standard(b, cfg=False), step=step):
+            with run.pass_phase("guidance", layout=BatchLayout.standard(b, cfg=False), step=step):
                 try:
                     denoise(run, z, t, self.state.cond)
                 except _StopForward:
@@ -473,8 +469,10 @@ class TextMapGuidance(GuidanceControl):
         super().__init__(max_grad_norm=max_grad_norm, early_exit=early_exit, layers=layers, steps=steps)
 
     def resolve(self, run: Run) -> None:
-        if self.token_mode == "ae" and run.family.name not in ("sd", "sdxl"):
-            raise ValueError("token_mode='ae' (the A&E 1:-1 slice) exists for SD/SDXL only; use 'prompt'")
+        segments = run.family.text_segments(run.max_sequence_length)
+        if self.token_mode == "ae" and not (len(segments) == 1 and segments[0].has_bos):
+            raise ValueError("token_mode='ae' (the A&E 1:-1 slice) needs one CLIP text sequence with start and end "
+                             f"tokens (SD 1.x/2.x, SDXL), which {run.family.label} does not have; use 'prompt'")
         self.state.subjects = resolve_subjects(run, self.words)
         n = len(self.state.subjects)
         sets = []
@@ -522,71 +520,19 @@ class TextMapGuidance(GuidanceControl):
 
 
 # ------------------------------------------------------------------------- denoiser calls
-def _denoiser(run: Run) -> torch.nn.Module:
-    return getattr(run.pipe, run.family.denoiser)
-
-
 def encode_condition(run: Run, latents: torch.Tensor) -> dict[str, Any]:
-    """Cond-branch denoiser kwargs of the run's prompts, as the pipeline computes them."""
-    pipe, fam = run.pipe, run.family.name
-    den = _denoiser(run)
-    device = den.device
-    prompts = run.prompts
-    if not prompts:
+    """Cond-branch denoiser kwargs of the run's prompts, as the pipeline computes them (the family's adapter)."""
+    if not run.prompts:
         raise ValueError(NEEDS_PROMPT.format(name="latent guidance"))
-    n_per = max(run.num_images_per_prompt, 1)
-    encode = type(pipe).encode_prompt  # the class method: attnedit's wrapper must not see this call
-    with torch.no_grad():
-        if fam == "sd":
-            emb, _ = encode(pipe, prompts, device, n_per, False)
-            return {"encoder_hidden_states": emb}
-        if fam == "sdxl":
-            emb, _, pooled, _ = encode(pipe, prompt=prompts, device=device, num_images_per_prompt=n_per,
-                                       do_classifier_free_guidance=False)
-            h = run.height or latents.shape[-2] * pipe.vae_scale_factor
-            w = run.width or latents.shape[-1] * pipe.vae_scale_factor
-            proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-            ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=emb.dtype, text_encoder_projection_dim=proj)
-            ids = ids.to(device).repeat(emb.shape[0], 1)
-            return {"encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
-        if fam == "sd3":
-            emb, _, pooled, _ = encode(pipe, prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                                       num_images_per_prompt=n_per, do_classifier_free_guidance=False,
-                                       max_sequence_length=run.max_sequence_length or 256)
-            return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-        if fam == "flux":
-            emb, pooled, text_ids = encode(pipe, prompt=prompts, prompt_2=None, device=device,
-                                           num_images_per_prompt=n_per,
-                                           max_sequence_length=run.max_sequence_length or 512)
-            f = pipe.vae_scale_factor
-            if run.height and run.width:
-                grid = (2 * (run.height // (f * 2)) // 2, 2 * (run.width // (f * 2)) // 2)
-            else:
-                grid = run.pipe._attnedit_controller.image_grid
-            img_ids = type(pipe)._prepare_latent_image_ids(emb.shape[0], grid[0], grid[1], device, emb.dtype)
-            cond = {"encoder_hidden_states": emb, "pooled_projections": pooled, "txt_ids": text_ids,
-                    "img_ids": img_ids, "guidance": None}
-            if getattr(den.config, "guidance_embeds", False):
-                scale = getattr(pipe, "_guidance_scale", None) or run.family.default_guidance
-                cond["guidance"] = torch.full((emb.shape[0],), float(scale), device=device, dtype=torch.float32)
-            return cond
-    raise ValueError(f"guidance is not available for {run.family.label}; supported: {', '.join(GUIDED_FAMILIES)}")
+    grid = run.forward.image_grid or (int(latents.shape[-2]), int(latents.shape[-1]))
+    return run.family.encode_condition(run.prompts, max(run.num_images_per_prompt, 1), height=run.height,
+                                       width=run.width, image_grid=grid, max_sequence_length=run.max_sequence_length,
+                                       options=run.text_options)
 
 
 def denoise(run: Run, z: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> Any:
     """Call the denoiser on latents `z` at timestep `t` as the pipeline's loop does (cond rows)."""
-    den = _denoiser(run)
-    sched = run.pipe.scheduler
-    if run.family.arch == "unet":
-        saved = getattr(sched, "_step_index", None)
-        x = sched.scale_model_input(z, t)
-        if hasattr(sched, "_step_index"):
-            sched._step_index = saved  # scale_model_input may initialise the scheduler's step counter
-        return den(x, t, return_dict=False, **cond)
-    ts = t.expand(z.shape[0]).to(z.device) if isinstance(t, torch.Tensor) else torch.full((z.shape[0],), t)
-    if run.family.name == "flux":
-        ts = ts.to(z.dtype) / 1000  # FluxPipeline passes sigmas in (0, 1]
-    return den(hidden_states=z, timestep=ts, return_dict=False, **cond)
+    return run.family.denoise(z, t, cond)
 
 
 __all__ = [

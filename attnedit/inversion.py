@@ -21,7 +21,6 @@ Choices (see specs/masactrl.md):
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -123,21 +122,9 @@ def prepare_image(image: Any, stride: int, fit: str = "resize") -> tuple[Image.I
     return image, notes
 
 
-@torch.no_grad()
 def encode_image(edit_pipe, image: Image.Image) -> torch.Tensor:
     """VAE posterior mean of `image`, scaled (and shifted, packed) like the pipeline's latents."""
-    pipe = edit_pipe.pipe
-    vae = pipe.vae
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-    x = x.to(vae.device, vae.dtype)
-    lat = vae.encode(x).latent_dist.mean
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    lat = (lat - shift) * vae.config.scaling_factor
-    lat = lat.to(edit_pipe.device, edit_pipe.dtype)
-    if edit_pipe.family.name == "flux":
-        b, c, h, w = lat.shape
-        lat = pipe._pack_latents(lat, b, c, h, w)
-    return lat
+    return edit_pipe.family.encode_image(image)
 
 
 # -------------------------------------------------------------------------------- schedules
@@ -172,96 +159,14 @@ def sampling_scheduler(edit_pipe) -> Iterator[None]:
 
 def _flow_schedule(edit_pipe, steps: int, height: int, width: int):
     """A copy of the pipeline's flow scheduler set to the sigmas its own call would use."""
-    pipe = edit_pipe.pipe
-    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    module = inspect.getmodule(type(pipe))
-    calc = getattr(module, "calculate_shift", None)
-    f = edit_pipe.vae_scale_factor
-    if edit_pipe.family.name == "flux":
-        seq = (height // (f * 2)) * (width // (f * 2))
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        if getattr(sched.config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = calc(seq, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
-                  sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15))
-        kwargs = {"mu": mu} if sigmas is None else {"sigmas": sigmas, "mu": mu}
-        sched.set_timesteps(num_inference_steps=None if sigmas is not None else steps, **kwargs)
-    else:
-        kwargs = {}
-        if sched.config.get("use_dynamic_shifting", None):
-            patch = int(edit_pipe.denoiser.config.patch_size)
-            seq = (height // f // patch) * (width // f // patch)
-            kwargs["mu"] = calc(seq, sched.config.get("base_image_seq_len", 256),
-                                sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
-                                sched.config.get("max_shift", 1.16))
-        sched.set_timesteps(steps, **kwargs)
-    return sched
+    return edit_pipe.family.flow_schedule(steps, height, width)
 
 
-# ---------------------------------------------------------------------------- model calls
-class _Denoiser:
-    """The denoiser conditioned on one prompt (no CFG unless `guidance > 1`), per family."""
-
-    def __init__(self, edit_pipe, prompt: str, guidance: float, height: int, width: int, negative_prompt: str = ""):
-        self.ep = edit_pipe
-        self.guidance = guidance
-        pipe, fam, dev = edit_pipe.pipe, edit_pipe.family.name, edit_pipe.device
-        call = edit_pipe.call_defaults()
-        cfg = guidance > 1.0 and fam != "flux"
-        self.cfg = cfg
-        self.extra: dict[str, Any] = {}
-        if fam == "sd":
-            pe, ne = pipe.encode_prompt(prompt, dev, 1, cfg, negative_prompt if cfg else None)
-            self.ctx = torch.cat([ne, pe]) if cfg else pe
-        elif fam == "sdxl":
-            pe, ne, pp, npool = pipe.encode_prompt(prompt, device=dev, num_images_per_prompt=1,
-                                                   do_classifier_free_guidance=cfg,
-                                                   negative_prompt=negative_prompt if cfg else None)
-            proj = int(pp.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-            ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
-                                         text_encoder_projection_dim=proj).to(dev)
-            self.ctx = torch.cat([ne, pe]) if cfg else pe
-            pooled = torch.cat([npool, pp]) if cfg else pp
-            self.extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.repeat(pooled.shape[0], 1)}
-        elif fam == "sd3":
-            msl = call.get("max_sequence_length", 256)
-            pe, ne, pp, npool = pipe.encode_prompt(prompt, None, None, device=dev, num_images_per_prompt=1,
-                                                   do_classifier_free_guidance=cfg,
-                                                   negative_prompt=negative_prompt if cfg else None,
-                                                   max_sequence_length=msl)
-            self.ctx = torch.cat([ne, pe]) if cfg else pe
-            self.extra["pooled_projections"] = torch.cat([npool, pp]) if cfg else pp
-        elif fam == "flux":
-            msl = call.get("max_sequence_length", 512)
-            pe, pp, text_ids = pipe.encode_prompt(prompt, None, device=dev, num_images_per_prompt=1,
-                                                  max_sequence_length=msl)
-            f = edit_pipe.vae_scale_factor
-            img_ids = pipe._prepare_latent_image_ids(1, height // (f * 2), width // (f * 2), dev, pe.dtype)
-            self.ctx = pe
-            self.extra.update(pooled_projections=pp, txt_ids=text_ids, img_ids=img_ids)
-            if getattr(edit_pipe.denoiser.config, "guidance_embeds", False):
-                self.extra["guidance"] = torch.full([1], float(guidance), device=dev, dtype=torch.float32)
-        else:
-            raise ValueError(f"inversion is not available for {edit_pipe.family.label} pipelines; "
-                             "supported: Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX")
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        fam = self.ep.family.name
-        den = self.ep.denoiser
-        xin = torch.cat([x, x]) if self.cfg else x
-        if fam in ("sd", "sdxl"):
-            out = den(xin, t, encoder_hidden_states=self.ctx, return_dict=False, **self.extra)[0]
-        elif fam == "sd3":
-            out = den(hidden_states=xin, timestep=t.expand(xin.shape[0]), encoder_hidden_states=self.ctx,
-                      return_dict=False, **self.extra)[0]
-        else:  # flux: the transformer takes sigma (timestep / 1000)
-            out = den(hidden_states=xin, timestep=(t / 1000).expand(xin.shape[0]).to(xin.dtype),
-                      encoder_hidden_states=self.ctx, return_dict=False, **self.extra)[0]
-        if self.cfg:
-            u, c = out.chunk(2)
-            out = u + self.guidance * (c - u)
-        return out
+def _condition(edit_pipe, prompt: str, guidance: float, height: int, width: int, negative_prompt: str = ""):
+    """The denoiser conditioned on one prompt (CFG rows only where `guidance > 1` batches them)."""
+    msl = edit_pipe.call_defaults().get("max_sequence_length")
+    return edit_pipe.family.inversion_condition(prompt, guidance, height, width, negative_prompt=negative_prompt,
+                                                max_sequence_length=msl)
 
 
 # -------------------------------------------------------------------------------- inversion
@@ -286,14 +191,15 @@ def invert(
     guidance = validate.guidance(guidance)
     validate.choice("fit", fit, _FITS)
     validate.text("negative_prompt", negative_prompt, empty=True)
-    fam = edit_pipe.family.name
-    if fam not in ("sd", "sdxl", "sd3", "flux"):
-        raise ValueError(f"inversion is not available for {edit_pipe.family.label} pipelines; "
-                         "supported: Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX")
+    if not edit_pipe.family.has("inversion"):
+        from .families import families_with
+
+        raise ValueError(f"inversion is not available for {edit_pipe.family.label} pipelines; supported: "
+                         f"{', '.join(f.label for f in families_with('inversion'))}")
     img, notes = prepare_image(image, edit_pipe.pixel_stride, fit)
     width, height = img.size
     x = encode_image(edit_pipe, img)
-    model = _Denoiser(edit_pipe, prompt, guidance, height, width, negative_prompt)
+    model = _condition(edit_pipe, prompt, guidance, height, width, negative_prompt)
     trajectory = [x]
     with torch.no_grad():
         if edit_pipe.family.arch == "unet":
@@ -408,13 +314,12 @@ def edit(
         control = MasaCtrl()
     guidance = float(guidance) if guidance is not None else edit_pipe.recommended()["guidance"]
     if inversion is None:
-        # FLUX's guidance is an input embedding (no CFG): invert with the value sampling will use
-        inv_guidance = guidance if edit_pipe.family.name == "flux" else 1.0
+        inv_guidance = edit_pipe.family.inversion_guidance(guidance)
         inversion = invert(edit_pipe, image, prompt=inversion_prompt, steps=steps, fit=fit, guidance=inv_guidance)
     elif inversion.steps != int(steps):
         raise ValueError(f"the inversion has {inversion.steps} steps but the edit asks for {steps}; they must match")
     n = 1 + len(targets)
-    cfg = guidance > 1.0 and edit_pipe.family.name != "flux"
+    cfg = edit_pipe.family.uses_cfg(guidance)
     layout = BatchLayout.standard(n, cfg, groups=[0] * n, roles=["source"] + ["target"] * len(targets))
     latents = inversion.latent.expand(n, *inversion.latent.shape[1:]).clone()
     extra = [FollowTrajectory(inversion, [0])] if follow_source else []

@@ -2,22 +2,16 @@
 
 Published methods count attention calls in execution order; attnedit instead derives everything
 from the dotted module names diffusers gives (`down_blocks.2.attentions.0.transformer_blocks.0.attn2`),
-so layer identity never depends on call order, CFG batching or extra guidance passes.
+so layer identity never depends on call order, CFG batching or extra guidance passes. Each family's
+adapter (`attnedit/families/`) reads its own module names into `LayerInfo`s.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
-
-_UNET_RE = re.compile(
-    r"^(?P<block>down_blocks|mid_block|up_blocks)(?:\.(?P<bi>\d+))?\.attentions\.(?P<ai>\d+)"
-    r"\.transformer_blocks\.(?P<ti>\d+)\.(?P<attn>attn\d)$"
-)
-_DIT_RE = re.compile(r"^(?P<stack>transformer_blocks|single_transformer_blocks)\.(?P<ti>\d+)\.(?P<attn>attn\d?)$")
 
 
 @dataclass(frozen=True)
@@ -82,84 +76,19 @@ class LayerRegistry:
         """Layers in execution order (down -> mid -> up; double -> single), attn1 before attn2."""
         return sorted(self.layers.values(), key=lambda i: (i.index, i.attn_name))
 
+    @property
+    def per_level(self) -> bool:
+        """Whether the layers sit on resolution levels (a UNet) rather than one token grid (a DiT)."""
+        return any(i.block in ("down", "mid", "up") for i in self.layers.values())
+
     def levels(self) -> list[int]:
         return sorted({i.level for i in self.layers.values()})
 
 
 def build_registry(denoiser: torch.nn.Module, family: str) -> LayerRegistry:
-    """Walk `denoiser.attn_processors` keys and describe each attention module."""
-    names = [key[: -len(".processor")] for key in denoiser.attn_processors]
-    modules = dict(denoiser.named_modules())
-    reg = LayerRegistry(family=family, patch=_patch_size(denoiser, family))
-    if family in ("sd", "sdxl"):
-        n_down = len(getattr(denoiser, "down_blocks", []))
-        n_up = len(getattr(denoiser, "up_blocks", []))
-        entries = []
-        for name in names:
-            m = _UNET_RE.match(name)
-            if m is None:
-                continue  # e.g. attention inside a VAE-like block: not a text-to-image layer
-            block = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}[m["block"]]
-            bi = int(m["bi"]) if m["bi"] is not None else 0
-            level = bi if block == "down" else (n_down - 1 if block == "mid" else n_up - 1 - bi)
-            order = {"down": 0, "mid": 1, "up": 2}[block]
-            entries.append((order, bi, int(m["ai"]), int(m["ti"]), m["attn"], name, block, level))
-        # execution index: sort transformer blocks by (block order, block idx, attention idx, tb idx)
-        tb_keys = sorted({e[:4] for e in entries})
-        tb_index = {k: i for i, k in enumerate(tb_keys)}
-        for order, bi, ai, ti, attn_name, name, block, level in entries:
-            module = modules[name]
-            kind = "cross" if getattr(module, "is_cross_attention", False) else "self"
-            reg.layers[name] = LayerInfo(
-                name=name,
-                kind=kind,
-                block=block,
-                block_index=bi,
-                attention_index=ai,
-                transformer_index=ti,
-                index=tb_index[(order, bi, ai, ti)],
-                level=level,
-                attn_name=attn_name,
-            )
-            reg.modules[name] = module
-    else:
-        n_double = len(getattr(denoiser, "transformer_blocks", []))
-        for name in names:
-            m = _DIT_RE.match(name)
-            if m is None:
-                continue
-            module = modules[name]
-            ti = int(m["ti"])
-            single = m["stack"] == "single_transformer_blocks"
-            if family == "flux":
-                kind, block = "joint", ("single" if single else "double")
-                index = ti + (n_double if single else 0)
-            elif family == "sd3":
-                kind = "joint" if getattr(module, "added_kv_proj_dim", None) else "self"
-                block, index = "dit", ti
-            else:  # pixart
-                kind = "cross" if getattr(module, "is_cross_attention", False) else "self"
-                block, index = "dit", ti
-            reg.layers[name] = LayerInfo(
-                name=name,
-                kind=kind,
-                block=block,
-                block_index=0,
-                attention_index=0,
-                transformer_index=ti,
-                index=index,
-                level=0,
-                attn_name=m["attn"],
-            )
-            reg.modules[name] = module
-    if not reg.layers:
-        raise ValueError(f"no attention layers recognised in {type(denoiser).__name__} for family {family!r}")
-    return reg
+    """The registry of a denoiser of `family` (a family name); its adapter knows the module names."""
+    from .families import FAMILIES
 
-
-def _patch_size(denoiser: torch.nn.Module, family: str) -> int:
-    if family == "flux":
-        return 2  # 2x2 packing of the latent
-    if family in ("sd3", "pixart"):
-        return int(getattr(denoiser.config, "patch_size", 1))
-    return 1
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    return FAMILIES[family](None, denoiser).build_registry(denoiser)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class Row:
@@ -69,8 +67,3 @@ class BatchLayout:
             out.append(src[0] if src else i)
         return out
 
-    def index_tensor(self, rows: list[int], device: torch.device) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.long, device=device)
-
-    def subset(self, rows: list[int]) -> BatchLayout:
-        return BatchLayout(tuple(self.rows[i] for i in rows))

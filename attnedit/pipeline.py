@@ -245,10 +245,7 @@ def load(
 
         cls_name = read_index(Path(where, "model_index.json"))["_class_name"] if Path(where).exists() else None
         cls = getattr(diffusers, cls_name) if cls_name else diffusers.DiffusionPipeline
-        extra: dict[str, Any] = {}
-        if family.name == "sd":
-            extra.update(safety_checker=None, requires_safety_checker=False)
-        pipe = cls.from_pretrained(where, dtype=dtype or torch.float32, **extra, **kw)
+        pipe = cls.from_pretrained(where, dtype=dtype or torch.float32, **family.load_options(), **kw)
         pipe.set_progress_bar_config(disable=True)
     if dtype is not None:
         pipe.to(dtype=dtype)
@@ -302,7 +299,7 @@ class EditPipeline:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return getattr(self.pipe, self.family.denoiser)
+        return self.family.denoiser
 
     @property
     def device(self) -> torch.device:
@@ -314,15 +311,12 @@ class EditPipeline:
 
     @property
     def vae_scale_factor(self) -> int:
-        return int(getattr(self.pipe, "vae_scale_factor", 8))
+        return self.family.vae_scale_factor
 
     @property
     def pixel_stride(self) -> int:
         """Image sizes must be multiples of this (latent factor x patch size)."""
-        patch = 2 if self.family.name in ("flux", "sd3", "pixart") else 1
-        if self.family.name in ("sd3", "pixart"):
-            patch = int(getattr(self.denoiser.config, "patch_size", 1))
-        return self.vae_scale_factor * patch
+        return self.family.pixel_stride
 
     def default_size(self) -> tuple[int, int]:
         """The model's native size: config sample_size x VAE factor (FLUX: 1024, tiny: 64)."""
@@ -330,11 +324,7 @@ class EditPipeline:
             return (64, 64)
         if "height" in self.settings and "width" in self.settings:
             return (int(self.settings["height"]), int(self.settings["width"]))
-        size = getattr(self.denoiser.config, "sample_size", None)
-        if size is None:
-            return (1024, 1024)
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        return (size * self.vae_scale_factor, size * self.vae_scale_factor)
+        return self.family.native_size()
 
     def call_defaults(self) -> dict[str, Any]:
         """Family arguments every call needs (tiny builtins need short text sequences)."""
@@ -342,28 +332,24 @@ class EditPipeline:
             from .tiny import tiny_call_kwargs
 
             return tiny_call_kwargs(self.family.name)
-        out: dict[str, Any] = {}
-        if self.family.name == "pixart":
-            out = {"use_resolution_binning": False, "clean_caption": False}
         # a model folder's own call arguments (`attnedit.json` "call"), e.g. shapes-dit's short T5 sequence
-        return {**out, **self.settings.get("call", {})}
+        return {**self.family.call_defaults, **self.settings.get("call", {})}
 
     @property
     def true_cfg(self) -> bool:
-        """FLUX without a guidance embedding (shapes-dit, FLUX.1-schnell-like): `guidance` is true CFG."""
-        return self.family.name == "flux" and not getattr(self.denoiser.config, "guidance_embeds", True)
+        """Whether `guidance` runs as true CFG: a separate unconditional pass (FLUX.1 without a guidance
+        embedding, e.g. shapes-dit; Qwen-Image)."""
+        return self.family.true_cfg
 
-    def with_true_cfg(self, call: dict, guidance: float, negative_prompt: Any = None) -> tuple[dict, Any]:
-        """`call` with `true_cfg_scale` where `guidance` is true CFG, and the negative prompt to pass.
+    def guidance_call(self, call: dict, guidance: float, negative_prompt: Any = None) -> tuple[dict, Any]:
+        """`call` plus the arguments that make the pipeline guide at `guidance`, and the negative prompt to pass.
 
-        Why one place: generation and CLEAR's teacher samples must guide the same way (a separate
-        unconditional pass against an empty prompt unless one is given).
+        Why one place: generation and CLEAR's teacher samples must guide the same way; the family's
+        adapter knows the argument names (`guidance_scale`, `true_cfg_scale`) and whether true CFG
+        runs against an empty prompt when none is given.
         """
-        if self.true_cfg and guidance > 1.0:
-            call = {"true_cfg_scale": guidance, **call}
-            if negative_prompt is None:
-                negative_prompt = ""
-        return call, negative_prompt
+        args, negative_prompt = self.family.guidance_arguments(guidance, negative_prompt)
+        return {**args, **call}, negative_prompt
 
     def controller(self, controls: Sequence[Control]) -> Controller:
         return Controller(self.pipe, list(controls))
@@ -402,7 +388,7 @@ class EditPipeline:
         height, width, negative_prompt, n = checked.height, checked.width, checked.negative_prompt, checked.n
         num_images = checked.num_images
         self._check_devices()
-        cfg = guidance > 1.0 and self.family.name != "flux"
+        cfg = self.family.uses_cfg(guidance)
         if layout is not None and layout.size != (2 * n if cfg else n):
             raise ValueError(f"layout has {layout.size} rows, the batch has {2 * n if cfg else n}")
         ctrl = Controller(self.pipe, list(controls))
@@ -413,7 +399,7 @@ class EditPipeline:
             "model": self.model_name,
             "family": self.family.name,
             "prompt": prompts if len(prompts) > 1 else prompts[0],
-            # true CFG runs against an empty negative prompt when none is given (`with_true_cfg`)
+            # true CFG runs against an empty negative prompt when none is given (`guidance_call`)
             "negative_prompt": negative_prompt if negative_prompt is not None else (
                 "" if "negative_prompt" in kwargs else None),
             "seeds": seeds,
@@ -540,7 +526,7 @@ class EditPipeline:
         where `guidance` means it; `self.pipe(**stock_arguments(...))` under `attnedit.apply` gives
         `generate`'s images.
         """
-        call, negative_prompt = self.with_true_cfg({**self.call_defaults(), **pipe_kwargs}, guidance, negative_prompt)
+        call, negative_prompt = self.guidance_call({**self.call_defaults(), **pipe_kwargs}, guidance, negative_prompt)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         if latents is None:
             latents = self.initial_latents(len(prompts) * num_images, height, width, generators)
@@ -548,7 +534,6 @@ class EditPipeline:
             prompt=list(prompts),
             negative_prompt=_expand(negative_prompt, len(prompts)),
             num_inference_steps=steps,
-            guidance_scale=guidance,
             height=height,
             width=width,
             num_images_per_prompt=num_images,
@@ -607,25 +592,11 @@ class EditPipeline:
                              "pipe.to(device) or use enable_model_cpu_offload()")
 
     def latent_shape(self, n: int, height: int, width: int) -> tuple[int, ...]:
-        f = self.vae_scale_factor
-        if self.family.name == "flux":
-            ch = self.denoiser.config.in_channels // 4
-            h, w = 2 * (height // (f * 2)), 2 * (width // (f * 2))
-            return (n, (h // 2) * (w // 2), ch * 4)
-        return (n, self.denoiser.config.in_channels, height // f, width // f)
+        return self.family.latent_shape(n, height, width)
 
     def initial_latents(self, n: int, height: int, width: int, generators: list[torch.Generator]) -> torch.Tensor:
-        """Per-image seeded initial latents in the layout the pipeline expects (packed for FLUX)."""
-        f = self.vae_scale_factor
-        if self.family.name == "flux":
-            ch = self.denoiser.config.in_channels // 4
-            h, w = 2 * (height // (f * 2)), 2 * (width // (f * 2))
-            noise = torch.stack([torch.randn((ch, h, w), generator=g) for g in generators])
-            packed = noise.view(n, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-            return packed.reshape(n, (h // 2) * (w // 2), ch * 4).to(self.device, self.dtype)
-        ch = self.denoiser.config.in_channels
-        noise = torch.stack([torch.randn((ch, height // f, width // f), generator=g) for g in generators])
-        return noise.to(self.device, self.dtype)  # the pipeline scales by init_noise_sigma itself
+        """Per-image seeded initial latents in the layout the pipeline expects (the family packs them)."""
+        return self.family.initial_latents(n, height, width, generators)
 
     def save(self, result: Result, path: str | os.PathLike, index: int = 0) -> Path:
         """Save image `index` of `result` as PNG with its JSON sidecar."""

@@ -1,8 +1,9 @@
 """The one attention processor attnedit installs on every attention module.
 
-It reproduces the stock processors (`AttnProcessor2_0`, `JointAttnProcessor2_0`,
-`FluxAttnProcessor`) step for step: project, normalise, RoPE, attend, project out. Between
-"project" and "attend" it hands BSHD q/k/v to the controls active at this layer and step.
+Each model family's adapter (`attnedit/families/`) reproduces its stock processor
+(`AttnProcessor2_0`, `JointAttnProcessor2_0`, `FluxAttnProcessor`, ...) step for step: project,
+normalise, RoPE, attend, project out. For "attend" it calls `AttnEditProcessor.attend`, which hands
+BSHD q/k/v to the controls active at this layer and step.
 
 Attention that needs no attnedit feature (no control active here, or the active ones ask for no
 mask, resampling, window, capture or replacement) is computed exactly as the stock processor
@@ -14,7 +15,7 @@ plain attention to attnedit's own kernel. Everything else goes to `attnedit.kern
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -51,133 +52,27 @@ class AttnEditProcessor:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        image_rotary_emb: Any = None,
         temb: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
     ):
-        if self.controller.family.name == "flux":
-            return self._flux(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        return self._legacy(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        """The stock processor's computation, as the model family's adapter reproduces it (`Family.attention`).
 
-    # ------------------------------------------------------------------ legacy `Attention` family
-    def _legacy(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        family = self.controller.family.name
-        joint = encoder_hidden_states is not None and getattr(attn, "added_kv_proj_dim", None) is not None
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None or joint else encoder_hidden_states.shape
+        The parameters are the union of the stock processors' (diffusers passes a processor only
+        the keyword arguments its signature names).
+        """
+        return self.controller.family.attention(
+            self, attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+            image_rotary_emb=image_rotary_emb, temb=temb, encoder_hidden_states_mask=encoder_hidden_states_mask,
         )
-        if attention_mask is not None and family == "sd3":
-            attention_mask = None  # JointAttnProcessor2_0 ignores masks
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None or joint:
-            context = hidden_states
-        elif attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        else:
-            context = encoder_hidden_states
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        q = query.view(batch_size, -1, attn.heads, head_dim)
-        k = key.view(batch_size, -1, attn.heads, head_dim)
-        v = value.view(batch_size, -1, attn.heads, head_dim)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        n_img = q.shape[1]
-        if joint:
-            eq = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
-            ek = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
-            ev = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
-            q = torch.cat([q, eq], dim=1)
-            k = torch.cat([k, ek], dim=1)
-            v = torch.cat([v, ev], dim=1)
-            image, text = slice(0, n_img), slice(n_img, k.shape[1])
-        elif encoder_hidden_states is not None:
-            image, text = slice(0, n_img), slice(0, k.shape[1])
-        else:
-            image, text = slice(0, n_img), None
-
-        out = self._attend(attn, hidden_states, encoder_hidden_states, q, k, v, attention_mask, image, text)
-        out = out.reshape(batch_size, -1, attn.heads * head_dim).to(q.dtype)
-
-        if joint:
-            out, text_out = out[:, :n_img], out[:, n_img:]
-            if not attn.context_pre_only:
-                text_out = attn.to_add_out(text_out)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if joint:
-            return out, text_out
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-    # ------------------------------------------------------------ `AttentionModuleMixin` (FLUX)
-    def _flux(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q = query.unflatten(-1, (-1, attn.head_dim))
-        k = key.unflatten(-1, (-1, attn.head_dim))
-        v = value.unflatten(-1, (-1, attn.head_dim))
-        q = attn.norm_q(q)
-        k = attn.norm_k(k)
-        double = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
-        if double:
-            if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
-                eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
-            else:
-                eq = attn.add_q_proj(encoder_hidden_states)
-                ek = attn.add_k_proj(encoder_hidden_states)
-                ev = attn.add_v_proj(encoder_hidden_states)
-            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
-            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
-            ev = ev.unflatten(-1, (-1, attn.head_dim))
-            q = torch.cat([eq, q], dim=1)
-            k = torch.cat([ek, k], dim=1)
-            v = torch.cat([ev, v], dim=1)
-            n_txt = encoder_hidden_states.shape[1]
-        else:
-            n_txt = self.controller.text_len
-        if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        text, image = slice(0, n_txt), slice(n_txt, q.shape[1])
-        out = self._attend(attn, hidden_states, encoder_hidden_states, q, k, v, attention_mask, image, text)
-        out = out.flatten(2, 3).to(q.dtype)
-        if double:
-            text_out, out = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
-            out = attn.to_out[0](out.contiguous())
-            out = attn.to_out[1](out)
-            text_out = attn.to_add_out(text_out.contiguous())
-            return out, text_out
-        return out
+    def text_len(self) -> int:
+        """Text tokens at the front of a single-stream layer's sequence (read from the forward's inputs)."""
+        return self.controller.text_len
 
     # ----------------------------------------------------------------------------- the controls
-    def _attend(self, attn, hidden_states, encoder_hidden_states, q, k, v, mask, image, text):
+    def attend(self, attn, hidden_states, encoder_hidden_states, q, k, v, mask, image, text) -> torch.Tensor:
+        """Attention of BSHD q/k/v with the controls active at this layer and step (`image`/`text`: token slices)."""
         controller = self.controller
         active = controller.active_controls(self.layer)
         if not active:
@@ -196,6 +91,16 @@ class AttnEditProcessor:
                                          parallel_config=self._parallel_config)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return out.transpose(1, 2)
+
+
+class SelfOnlyAttnEditProcessor(AttnEditProcessor):
+    """For attention modules whose forward passes `(hidden_states, attention_mask, image_rotary_emb)`
+    positionally, with no text stream (FLUX.2's parallel single-stream blocks)."""
+
+    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: Any = None):
+        return self.controller.family.attention(self, attn, hidden_states, attention_mask=attention_mask,
+                                                image_rotary_emb=image_rotary_emb)
 
 
 def run_controls(

@@ -1,7 +1,8 @@
 """Tiny random-weight pipelines of every supported family, built offline from configs.
 
 They exercise every code path in well under a second on a CPU (tests, the no-download default
-model). Their images are noise-like: random weights prove the code runs, nothing more.
+model). Their images are noise-like: random weights prove the code runs, nothing more. Each
+family's adapter (`attnedit/families/`) builds its own from the parts here.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import os
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-TINY_FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart")
-
 
 def clip_tokenizer(max_length: int = 77):
     """A byte-level CLIP tokenizer in memory: every character is a token, no merges, no <unk>."""
@@ -51,7 +49,7 @@ def t5_tokenizer(max_length: int = 512):
     return T5Tokenizer(vocab=vocab, extra_ids=100, model_max_length=max_length)
 
 
-def _clip_text(projection: bool = False, hidden: int = 32, vocab: int = 1000):
+def clip_text(projection: bool = False, hidden: int = 32, vocab: int = 1000):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
@@ -69,7 +67,7 @@ def _clip_text(projection: bool = False, hidden: int = 32, vocab: int = 1000):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
-def _t5_text():
+def t5_text():
     from transformers import T5Config, T5EncoderModel
 
     cfg = T5Config(
@@ -79,7 +77,7 @@ def _t5_text():
     return T5EncoderModel(cfg)
 
 
-def _vae(dit: bool = False):
+def tiny_vae(dit: bool = False):
     from diffusers import AutoencoderKL
 
     kw = dict(
@@ -93,79 +91,13 @@ def _vae(dit: bool = False):
 
 
 def build_tiny(family: str, seed: int = 0, levels: int = 2):
-    """A tiny pipeline of `family` ("sd", "sdxl", "sd3", "flux", "pixart") with random weights.
+    """A tiny pipeline of `family` (a family name: "sd", "sdxl", "sd3", "flux", "pixart", ...) with random
+    weights, built by the family's adapter. `levels=3` gives the SD UNet a third resolution level."""
+    from .families import FAMILIES
 
-    `levels=3` gives the SD UNet a third resolution level (three cross-attention grids).
-    """
-    import diffusers as d
-
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
-    torch.manual_seed(seed)
-    if family == "sd":
-        chans = (16, 32) if levels == 2 else (16, 32, 32)
-        down = ("CrossAttnDownBlock2D",) * len(chans)
-        up = ("CrossAttnUpBlock2D",) * len(chans)
-        unet = d.UNet2DConditionModel(
-            block_out_channels=chans, layers_per_block=1, down_block_types=down, up_block_types=up,
-            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8, sample_size=8,
-        )
-        sched = d.DDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1,
-        )
-        pipe = d.StableDiffusionPipeline(
-            vae=_vae(), text_encoder=_clip_text(), tokenizer=clip_tokenizer(), unet=unet, scheduler=sched,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    elif family == "sdxl":
-        unet = d.UNet2DConditionModel(
-            block_out_channels=(16, 32), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=8, sample_size=8,
-        )
-        sched = d.EulerDiscreteScheduler(steps_offset=1, timestep_spacing="leading")
-        pipe = d.StableDiffusionXLPipeline(
-            vae=_vae(), text_encoder=_clip_text(), tokenizer=clip_tokenizer(),
-            text_encoder_2=_clip_text(projection=True), tokenizer_2=clip_tokenizer(), unet=unet,
-            scheduler=sched, add_watermarker=False,
-        )
-    elif family == "sd3":
-        tr = d.SD3Transformer2DModel(
-            sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
-            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
-            pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32,
-        )
-        pipe = d.StableDiffusion3Pipeline(
-            transformer=tr, scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(dit=True),
-            text_encoder=_clip_text(projection=True), tokenizer=clip_tokenizer(),
-            text_encoder_2=_clip_text(projection=True), tokenizer_2=clip_tokenizer(),
-            text_encoder_3=_t5_text(), tokenizer_3=t5_tokenizer(),
-        )
-    elif family == "flux":
-        tr = d.FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
-        )
-        pipe = d.FluxPipeline(
-            transformer=tr, scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=_vae(dit=True),
-            text_encoder=_clip_text(), tokenizer=clip_tokenizer(),
-            text_encoder_2=_t5_text(), tokenizer_2=t5_tokenizer(),
-        )
-    else:
-        tr = d.PixArtTransformer2DModel(
-            sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-            caption_channels=32, cross_attention_dim=24, out_channels=8, attention_bias=True,
-            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-            norm_elementwise_affine=False, norm_eps=1e-6,
-        )
-        pipe = d.PixArtAlphaPipeline(
-            tokenizer=t5_tokenizer(), text_encoder=_t5_text(), vae=_vae(), transformer=tr,
-            scheduler=d.DDIMScheduler(),
-        )
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(FAMILIES)}")
+    pipe = FAMILIES[family].build_tiny(seed=seed, levels=levels)
     for comp in pipe.components.values():
         if isinstance(comp, torch.nn.Module):
             comp.eval()
@@ -174,12 +106,34 @@ def build_tiny(family: str, seed: int = 0, levels: int = 2):
 
 
 def tiny_call_kwargs(family: str) -> dict:
-    """Extra pipeline arguments the tiny pipelines need."""
-    if family in ("sd3", "pixart"):
-        kw = {"max_sequence_length": 32}
-        if family == "pixart":
-            kw.update(use_resolution_binning=False, clean_caption=False)
-        return kw
-    if family == "flux":
-        return {"max_sequence_length": 48}
-    return {}
+    """Extra pipeline arguments the tiny pipelines need (short text sequences)."""
+    from .families import FAMILIES
+
+    return dict(FAMILIES[family].tiny_call_kwargs)
+
+
+#: a ChatML template in the form Qwen3's takes (`enable_thinking=False` closes an empty think block)
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def qwen_tokenizer(max_length: int = 4096):
+    """A byte-level Qwen2 tokenizer in memory: every byte is a token, no merges, ChatML special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(byte_level_chars())}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    fast = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              model_max_length=max_length)
+    fast.chat_template = CHATML_TEMPLATE
+    return fast

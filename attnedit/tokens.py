@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _WORD_RE = re.compile(r"[\w<>'\-]+|[^\w\s]")
@@ -16,12 +17,19 @@ _WORD_RE = re.compile(r"[\w<>'\-]+|[^\w\s]")
 
 @dataclass(frozen=True)
 class TextSegment:
-    """One tokenizer's slice of the text sequence: `length` tokens starting at `offset`."""
+    """One tokenizer's slice of the text sequence: `length` tokens starting at `offset`.
+
+    `render`: for encoders that read the prompt inside a chat template (FLUX.2, Qwen-Image), the
+    text the tokenizer sees and where the prompt starts in it; `drop`: template tokens the pipeline
+    cuts from the front of the encoded sequence (Qwen-Image drops its system prefix).
+    """
 
     tokenizer: object
     offset: int
     length: int
     has_bos: bool
+    render: Callable[[str], tuple[str, int]] | None = None
+    drop: int = 0
 
 
 @dataclass
@@ -71,6 +79,11 @@ def index_prompt(prompt: str, segments: list[TextSegment], warn: bool = True) ->
     positions: list[list[int]] = [[] for _ in spans]
     index = TokenIndex(prompt=prompt, words=words, positions=positions)
     for seg_i, seg in enumerate(segments):
+        if seg.render is not None:
+            kept = _index_rendered(prompt, seg, spans, positions, index, warn)
+            if seg_i == 0:
+                index.n_tokens = kept
+            continue
         enc = seg.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         room = seg.length - (2 if seg.has_bos else 1)
@@ -95,6 +108,38 @@ def index_prompt(prompt: str, segments: list[TextSegment], warn: bool = True) ->
             index.n_tokens = kept
     index.text_len = max((s.offset + s.length for s in segments), default=0)
     return index
+
+
+def _index_rendered(prompt: str, seg: TextSegment, spans: list[tuple[str, int, int]], positions: list[list[int]],
+                    index: TokenIndex, warn: bool) -> int:
+    """Word positions of a prompt the encoder reads inside a template (`TextSegment.render`)."""
+    text, start = seg.render(prompt)
+    if text[start:start + len(prompt)] != prompt:
+        raise ValueError("the text template does not contain the prompt where it says it does")
+    enc = seg.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    end = start + len(prompt)
+    kept = cut = 0
+    after = None
+    for t, (a, b) in enumerate(enc["offset_mapping"]):
+        pos = seg.offset + t - seg.drop
+        if a >= end:
+            after = pos if after is None else after
+            continue
+        if b <= start or pos < seg.offset:
+            continue
+        if pos >= seg.offset + seg.length:
+            cut += 1
+            continue
+        kept += 1
+        for wi, (_, ws, we) in enumerate(spans):
+            if a - start < we and b - start > ws:
+                positions[wi].append(pos)
+    if cut and warn:
+        warnings.warn(f"prompt is longer than the text encoder takes here ({kept + cut} tokens, {cut} cut)",
+                      stacklevel=4)
+    last = seg.offset + seg.length - 1
+    index.eos.append(min(after if after is not None else last, last))
+    return kept
 
 
 # A small built-in list of function words: Bounded Attention blocks these for every subject,

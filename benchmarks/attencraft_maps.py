@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import attnedit
     from attnedit.controller import Controller
-    from attnedit.families import text_segments
     from attnedit.layout import BatchLayout
     from attnedit.methods.attencraft import MapRecorder, extract_masks, map_levels
     from attnedit.tokens import index_prompt
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = edit.pipe.to(torch.float32)
     size = edit.default_size()[0]
     prompt = f"a {words[0]} circle and a {words[1]} square"
-    index = index_prompt(prompt, text_segments(pipe, edit.family), warn=False)
+    index = index_prompt(prompt, edit.family.text_segments(), warn=False)
     keys = [0] + [index.find(w)[0] for w in words]  # start token, w1, w2
     img = np.asarray(make_image(size), dtype=np.float32) / 127.5 - 1.0
     with torch.no_grad():

@@ -340,9 +340,8 @@ def fidelity_rows(
     """
     ep = edit_pipe if edit_pipe is not None else attnedit.load(model)
     prompts = list(prompts) if prompts is not None else _fast_prompts()
-    arch = "flux" if ep.family.name == "flux" else ("dit" if ep.family.arch == "dit" else "unet")
-    if methods is None:
-        methods = [m for m in method_table("flux" if arch != "unet" else "sd15") if m[0] != "plain"]
+    if methods is None:  # CLEAR rows on any DiT (they are the "flux" rows of the speed table)
+        methods = [m for m in method_table("flux" if ep.family.has("dit") else "sd15") if m[0] != "plain"]
         # the published schedule too (agents in the first 40 % of the steps, plain after)
         methods.append(("Agent (default schedule)", lambda: [attnedit.AgentAttention()]))
     kw = dict(steps=steps, guidance=guidance, height=height, width=width)

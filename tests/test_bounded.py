@@ -241,21 +241,22 @@ def _layout_unet(sdxl: bool):
 
 
 def test_official_layers_on_real_layouts():
+    from attnedit.families import FAMILIES
     from attnedit.guidance import default_map_layers, map_level
     from attnedit.layers import build_registry
     from attnedit.methods.bounded import _official_layers
 
     reg = build_registry(_layout_unet(False), "sd")
-    loss, mask = _official_layers(reg.ordered(), "sd", map_level(reg, 64))
+    loss, mask = _official_layers(reg.ordered(), map_level(reg, 64), FAMILIES["sd"].method_defaults["bounded"])
     names = [i.name.replace(".transformer_blocks.0", "") for i in loss]
     assert names == ["mid_block.attentions.0.attn1", "mid_block.attentions.0.attn2"] + [
         f"up_blocks.1.attentions.{a}.attn{k}" for a in range(3) for k in (1, 2)]  # official module idx 12-19
     assert mask == loss[2:]  # 14-19
-    ae = [i.name for i in default_map_layers(reg, "sd", 64)]
+    ae = [i.name for i in default_map_layers(reg, 64)]
     assert ae == [f"down_blocks.2.attentions.{a}.transformer_blocks.0.attn2" for a in range(2)] + [
         f"up_blocks.1.attentions.{a}.transformer_blocks.0.attn2" for a in range(3)]  # the A&E 16x16 layers
     reg = build_registry(_layout_unet(True), "sdxl")
-    loss, mask = _official_layers(reg.ordered(), "sdxl", map_level(reg, 128))
+    loss, mask = _official_layers(reg.ordered(), map_level(reg, 128), FAMILIES["sdxl"].method_defaults["bounded"])
     assert [i.name for i in loss] == [f"up_blocks.0.attentions.0.transformer_blocks.{t}.attn{k}"
                                       for t in range(1, 7) for k in (1, 2)]  # official 70-81
     assert mask == loss

@@ -10,15 +10,18 @@ import torch
 
 import attnedit
 from attnedit.controls import Control
+from attnedit.families import FAMILIES as ADAPTERS
+from attnedit.processor import AttnEditProcessor
 from attnedit.selectors import Select, Steps
 from attnedit.tiny import tiny_call_kwargs
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart")
+FAMILIES = tuple(ADAPTERS)
+DIT_FAMILIES = tuple(name for name, fam in ADAPTERS.items() if fam.arch == "dit")
 
 
 def _run(pipe, family, prompt="a red cube and a blue ball", steps=2, guidance=5.0, h=64, w=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=h, width=w,
+    out = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, height=h, width=w,
                generator=gen, output_type="latent", **tiny_call_kwargs(family))
     return out.images
 
@@ -55,7 +58,7 @@ def test_reload_and_equal_to_stock_processors(tiny_dir, family):
     stock = _run(ep.pipe, family)
     originals = dict(ep.denoiser.attn_processors)
     with attnedit.controlled(ep.pipe) as ctrl:
-        assert all(type(p).__name__ == "AttnEditProcessor" for p in ep.denoiser.attn_processors.values())
+        assert all(isinstance(p, AttnEditProcessor) for p in ep.denoiser.attn_processors.values())
         ours = _run(ep.pipe, family)
         assert len(ctrl.registry) == len(originals)
     assert (stock - ours).abs().max().item() <= 1e-6
@@ -97,7 +100,7 @@ def test_registry_grids_square_nonsquare_odd():
                 assert info.grid(latent) == expected[info.level]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "pixart"])
+@pytest.mark.parametrize("family", DIT_FAMILIES)
 def test_dit_grids_nonsquare(family):
     ep = attnedit.load(f"tiny-{family}")
     rec = Recorder()

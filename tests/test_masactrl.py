@@ -188,15 +188,16 @@ def _sdxl_like_unet():
 
 
 def test_default_layers_reproduce_official_start_layers():
+    from attnedit.families import FAMILIES
     from attnedit.methods.masactrl import default_layers
 
     reg = build_registry(_sd15_like_unet(), "sd")
-    picked = {i.name for i in default_layers("sd", reg).pick(reg)}
+    picked = {i.name for i in default_layers(FAMILIES["sd"], reg).pick(reg)}
     assert picked == {i.name for i in Select(kind="self", min_index=10).pick(reg)}
     assert len(picked) == 6 and all(n.startswith(("up_blocks.2.", "up_blocks.3.")) for n in picked)
     reg = build_registry(_sdxl_like_unet(), "sdxl")
     assert len(reg.layers) == 140
-    picked = {i.name for i in default_layers("sdxl", reg).pick(reg)}
+    picked = {i.name for i in default_layers(FAMILIES["sdxl"], reg).pick(reg)}
     assert picked == {i.name for i in Select(kind="self", min_index=44).pick(reg)}
     assert len(picked) == 26
 

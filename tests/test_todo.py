@@ -9,12 +9,13 @@ import torch.nn.functional as F
 import attnedit
 from attnedit import kernels
 from attnedit.controls import CallContext
+from attnedit.families import FAMILIES as ADAPTERS
 from attnedit.layers import LayerInfo
 from attnedit.layout import BatchLayout
 from attnedit.methods.todo import ToDo
 from attnedit.tiny import build_tiny, tiny_call_kwargs
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart")
+FAMILIES = tuple(ADAPTERS)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def pipes():
 def _latents(pipe, family, controls=(), h=64, w=64, steps=2):
     gen = torch.Generator().manual_seed(0)
     with attnedit.controlled(pipe, *controls):
-        return pipe("a red circle", num_inference_steps=steps, guidance_scale=5.0, height=h, width=w,
+        return pipe(prompt="a red circle", num_inference_steps=steps, guidance_scale=5.0, height=h, width=w,
                     generator=gen, output_type="latent", **tiny_call_kwargs(family)).images
 
 

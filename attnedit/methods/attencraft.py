@@ -366,17 +366,16 @@ def load_concepts(edit_pipe: Any, path: str | Path) -> list[str]:
     meta, tensors = read_concepts(path)
     from ..families import family_of
 
-    family = family_of(pipe).name
-    if meta.get("family") != family:
-        raise ValueError(f"{path} holds concepts for a {meta.get('family')!r} model, this pipeline is {family!r}")
+    family = family_of(pipe)
+    if meta.get("family") != family.name:
+        raise ValueError(f"{path} holds concepts for a {meta.get('family')!r} model, this pipeline is "
+                         f"{family.name!r}")
     differs = _same_fingerprint(meta.get("fingerprint", {}), model_fingerprint(pipe))
     if differs:
         raise ValueError(f"{path} was trained on another model ({meta.get('model')!r}; {differs}); "
                          f"load it into that model")
     tokens = list(meta["tokens"])
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if family == "sdxl":
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    pairs = family.text_encoders()
     embeddings = []
     for n, (tok, enc) in enumerate(pairs):
         clash = [t for t in tokens if t in tok.get_vocab()]
@@ -388,7 +387,7 @@ def load_concepts(edit_pipe: Any, path: str | Path) -> list[str]:
             shape = None if emb is None else tuple(emb.shape)
             raise ValueError(f"{key} {shape} does not fit {len(tokens)} tokens of text encoder {n + 1}")
         embeddings.append(emb)
-    unet = pipe.unet
+    unet = family.denoiser
     modules = dict(unet.named_modules())
     updates: dict[str, torch.Tensor] = {}
     for layer in meta["layers"]:

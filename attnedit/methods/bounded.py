@@ -41,7 +41,8 @@ from ..tokens import STOP_WORDS
 
 # token classes of the cross-attention key labels (subject tokens are 3 + their subject bitset)
 _FREE, _FILTER, _EOS = 0, 1, 2
-STEP_SIZES = {"sd": (8.0, 2.0), "sdxl": (18.0, 5.0)}
+#: official step sizes (start, end) where the model family names none (its adapter's method_defaults)
+STEP_SIZES = (8.0, 2.0)
 
 
 def box_masks(boxes: list[tuple[float, float, float, float]], grid: tuple[int, int]) -> torch.Tensor:
@@ -169,7 +170,7 @@ class BoundedAttention(GuidanceControl):
     """
 
     name = "bounded"
-    families = ("sd", "sdxl")
+    requires = ("unet", "step_callback", "text_maps")
     unsupported = "it bounds UNet cross- and self-attention per level, which DiTs do not have"
 
     @classmethod
@@ -263,8 +264,8 @@ class BoundedAttention(GuidanceControl):
         reg = run.registry.ordered()
         if self._custom_layers:
             return [i for i in reg if i.name in self.selected_layers]
-        level = map_level(run.registry, native_latent_side(getattr(run.pipe, run.family.denoiser)))
-        loss, mask = _official_layers(reg, run.family.name, level)
+        level = map_level(run.registry, native_latent_side(run.family.denoiser))
+        loss, mask = _official_layers(reg, level, run.family.method_defaults.get("bounded", {}))
         self.state.mask_layers = frozenset(i.name for i in mask)
         return loss
 
@@ -296,7 +297,7 @@ class BoundedAttention(GuidanceControl):
             lead = [self._leading(tokens, self.words[i], subj[i]) for i in range(s)]
             per_sample.append({"subjects": subj, "filter": filt, "eos": eos, "labels": labels, "lead": lead})
         self.state.samples = per_sample
-        self.state.step_sizes = self.step_size or STEP_SIZES.get(run.family.name, STEP_SIZES["sd"])
+        self.state.step_sizes = self.step_size or run.family.method_default("bounded", "step_size", STEP_SIZES)
         if run.num_steps:
             self._schedule(run.num_steps)
 
@@ -540,21 +541,24 @@ def _resolve_step(value: float | int, total: int) -> int:
     return int(value)
 
 
-def _official_layers(reg: list[LayerInfo], family: str, level: int) -> tuple[list[LayerInfo], list[LayerInfo]]:
+def _official_layers(reg: list[LayerInfo], level: int, defaults: dict[str, Any]) -> tuple[list[LayerInfo],
+                                                                                   list[LayerInfo]]:
     """Loss and mask layers by module name, generalised by grid level.
 
     Official: SD 1.5 module indices 12-19 (loss) = `mid_block` + `up_blocks.1`, 14-19 (masks) =
     `up_blocks.1`; SDXL 70-81 = `up_blocks.0.attentions.0.transformer_blocks.1..6`. Here: the
     decoder layers at the map level (latent/4 on real models, see `guidance.map_level`), plus on
-    SD the mid block when it sits one level below; on SDXL the first such attention, blocks 1-6.
+    SD the mid block when it sits one level below; on SDXL (its adapter's `first_attention_blocks`)
+    the first such attention, blocks 1-6.
     """
     ups = [i for i in reg if i.block == "up" and i.level == level]
     if not ups:
         raise ValueError(f"BoundedAttention needs decoder attention layers at level {level}")
-    if family == "sdxl":
+    blocks = defaults.get("first_attention_blocks")
+    if blocks is not None:
         first = min(i.block_index for i in ups)
         head = [i for i in ups if i.block_index == first and i.attention_index == 0]
-        loss = [i for i in head if 1 <= i.transformer_index <= 6] or head
+        loss = [i for i in head if blocks[0] <= i.transformer_index <= blocks[1]] or head
         return loss, loss
     mid = [i for i in reg if i.block == "mid" and i.level == level + 1]
     return mid + ups, ups

@@ -284,7 +284,7 @@ class CLEAR(Control):
 
     name = "clear"
     phases = PHASES
-    families = ("sd3", "flux", "pixart")
+    requires = ("dit",)
     unsupported = "it needs one image-token grid per layer (a DiT); on UNets ToDo or AgentAttention speed attention up"
 
     @classmethod
@@ -334,8 +334,7 @@ class CLEAR(Control):
         return Select(kind=("self", "joint"))
 
     def setup(self, run: Run) -> None:
-        ctrl = getattr(run.pipe, "_attnedit_controller", None)
-        for other in getattr(ctrl, "controls", ()):
+        for other in run.controls:
             if other is self or not other.overrides("downsample"):
                 continue
             theirs = {i.name for i in (other.layers.pick(run.registry) if isinstance(other.layers, Select)
@@ -345,7 +344,7 @@ class CLEAR(Control):
                 raise ValueError(
                     f"CLEAR and {other.name!r} both change the keys of layer {shared[0]}; give them disjoint `layers=`"
                 )
-        denoiser = getattr(run.pipe, run.family.denoiser)
+        denoiser = run.family.denoiser
         attached = getattr(denoiser, "attnedit_clear", None)
         attached = attached if isinstance(attached, ClearWeights) else None
         radius, down_factor = self._given

@@ -180,10 +180,10 @@ class IsolationAttention(Control):
         return len(self.words) if self.words is not None else len(self._subjects)
 
     def setup(self, run) -> None:
-        self._selected = frozenset(n for n in self.selected_layers if run.registry[n].kind in ("self", "joint"))
-        if not self._selected:
+        self._iso_layers = frozenset(n for n in self.selected_layers if run.registry[n].kind in ("self", "joint"))
+        if not self._iso_layers:
             raise ValueError("IsolationAttention selected no self-attention layer; use layers=Select(kind='self')")
-        self._iso_layers = self._selected
+        self.use_layers(run, self._iso_layers)
         self._map_names: frozenset[str] = frozenset()
         if self._subjects is not None:
             self._subjects.check_size((run.height, run.width), "IsolationAttention mask")
@@ -198,7 +198,7 @@ class IsolationAttention(Control):
         self._capture = torch.tensor(union, dtype=torch.long)
         self._columns = {s: [[union.index(p) for p in pos] for pos in per] for s, per in positions.items()}
         self._map_names = frozenset(i.name for i in map_layers(run.family, run.registry))
-        self._selected = self._iso_layers | self._map_names
+        self.use_layers(run, self._iso_layers | self._map_names)
 
     def reset(self) -> None:
         super().reset()
@@ -279,12 +279,15 @@ class IsolationAttention(Control):
         return {"subjects": self.n_subjects, "layers": len(getattr(self, "_iso_layers", ()))}
 
 
-def default_reposition_layers(family: str, registry) -> Select:
-    if family == "sd":
-        return Select(kind="self", block="up")
-    if family == "sdxl":  # the official driver's index >= 36 on the full 70-block SDXL UNet
-        full = max(i.index for i in registry) >= 69
-        return Select(kind="self", min_index=36) if full else Select(kind="self", block="up")
+def default_reposition_layers(family, registry) -> Select:
+    """The family's published reposition layers (its adapter's `method_defaults["reposition"]`; SDXL's
+    official index >= 36 applies to the full 70-block UNet only), else the second half of the blocks."""
+    full = family.method_default("reposition", "full_unet")
+    if full is not None and max(i.index for i in registry) >= full[0]:
+        return full[1]
+    chosen = family.method_default("reposition", "layers")
+    if chosen is not None:
+        return chosen
     n = 1 + max(i.index for i in registry)
     return Select(kind="self", min_index=n // 2)
 
@@ -303,7 +306,7 @@ class RepositionAttention(Control):
 
     name = "reposition"
     phases = ("denoise",)
-    families = ("sd", "sdxl", "pixart")
+    requires = ("spatial_self_attention",)
     unsupported = ("it repositions spatial self-attention features, and its joint attention has none "
                    "(IsolationAttention runs there)")
 
@@ -353,7 +356,7 @@ class RepositionAttention(Control):
     def bind(self, run) -> None:
         layers, iso, cross = self._user
         reg = run.registry
-        mutual = layers or default_reposition_layers(run.family.name, reg)
+        mutual = layers or default_reposition_layers(run.family, reg)
         self._mutual = frozenset(i.name for i in mutual.pick(reg) if i.kind == "self")
         self._iso = frozenset(i.name for i in (iso or Select(kind="self")).pick(reg) if i.kind == "self") \
             if self.isolate else frozenset()
@@ -362,7 +365,7 @@ class RepositionAttention(Control):
         if not self._mutual:
             raise ValueError("RepositionAttention selected no self-attention layer for reposition; "
                              "pass layers=Select(kind='self', ...)")
-        self._selected = self._mutual | self._iso | self._cross
+        self.use_layers(run, self._mutual | self._iso | self._cross)
         self.setup(run)
 
     def setup(self, run) -> None:
@@ -381,9 +384,8 @@ class RepositionAttention(Control):
         size = (run.height, run.width)
         self._targets.check_size(size, "target mask")
         self._refs.check_size(size, "reference mask")
-        ctrl = getattr(run.pipe, "_attnedit_controller", None)
-        if self.isolate and ctrl is not None:
-            others = [c for c in ctrl.controls if isinstance(c, IsolationAttention)]
+        if self.isolate:
+            others = [c for c in run.controls if isinstance(c, IsolationAttention)]
             if others:
                 raise ValueError("RepositionAttention already isolates subjects (isolate=True); "
                                  "remove IsolationAttention or pass isolate=False")
@@ -568,10 +570,9 @@ class RepositionAttention(Control):
 
 # ------------------------------------------------------------------------------ conveniences
 def _check_words(edit_pipe, prompts: Sequence[str], words: Sequence[Sequence[str]], max_len=None) -> None:
-    from ..families import text_segments
     from ..tokens import index_prompt
 
-    segs = text_segments(edit_pipe.pipe, edit_pipe.family, max_len)
+    segs = edit_pipe.family.text_segments(max_len)
     for p, ws in zip(prompts, words):
         index = index_prompt(p, segs, warn=False)
         for w in ws:
@@ -670,7 +671,7 @@ def ir_diffusion(
     n = len(refs) + 1
     guidance = kw.get("guidance")
     guidance = float(guidance) if guidance is not None else edit_pipe.recommended()["guidance"]
-    cfg = guidance > 1.0 and edit_pipe.family.name != "flux"
+    cfg = edit_pipe.family.uses_cfg(guidance)
     layout = BatchLayout.standard(n, cfg, groups=[0] * n, roles=["source"] * len(refs) + ["target"])
     followers: list[Control] = []
     latents = None

@@ -57,16 +57,12 @@ NOTHING_TO_COPY = (
     "only), so it would return the plain image; generate a source and its targets in one call "
     "(attnedit.consistent(pipe, source, targets), several prompts, or `together: true` in a job file)"
 )
-#: SDXL: the spec's documented start layer 44 (of 70), written by module name
-SDXL_DEFAULT_NAMES = ("up_blocks.0.attentions.1.*", "up_blocks.0.attentions.2.*", "up_blocks.1.*")
-
-
-def default_layers(family: str, registry) -> Select:
-    """MasaCtrl's controlled self-attention layers for a model family (see the module docstring)."""
-    if family == "sd":
-        return Select(kind="self", block="up", level=(0, 1))
-    if family == "sdxl":
-        return Select(kind="self", name=SDXL_DEFAULT_NAMES)
+def default_layers(family, registry) -> Select:
+    """MasaCtrl's controlled self-attention layers: the family's published default (its adapter's
+    `method_defaults["masactrl"]`, see the module docstring), else the second half of a DiT's blocks."""
+    chosen = family.method_default("masactrl", "layers")
+    if chosen is not None:
+        return chosen
     n = 1 + max(i.index for i in registry)
     return Select(kind=("self", "joint"), min_index=n // 2)
 
@@ -152,7 +148,7 @@ class MasaCtrl(Control):
         elif self.start_layer is not None:
             self.layers = Select(kind=("self", "joint"), min_index=self.start_layer)
         else:
-            self.layers = default_layers(run.family.name, run.registry)
+            self.layers = default_layers(run.family, run.registry)
         picked = self.layers.pick(run.registry) if isinstance(self.layers, Select) else [
             i for i in run.registry if self.layers(i)
         ]
@@ -162,7 +158,7 @@ class MasaCtrl(Control):
                 "MasaCtrl selected no self-attention layer on this model; valid start_layer values are 0.."
                 f"{max(i.index for i in run.registry)}, or pass layers=Select(kind='self', ...)"
             )
-        self._selected = frozenset(i.name for i in picked)
+        self.use_layers(run, (i.name for i in picked))
         self._map_layers = frozenset(i.name for i in self._mask_source_layers(run)) if self.mask_words else frozenset()
         self.setup(run)
 
@@ -414,7 +410,7 @@ def consistent(
         raise ValueError("consistent() makes one image per prompt; repeat target prompts for more")
     guidance = kw.get("guidance")
     guidance = float(guidance) if guidance is not None else edit_pipe.recommended()["guidance"]
-    cfg = guidance > 1.0 and edit_pipe.family.name != "flux"
+    cfg = edit_pipe.family.uses_cfg(guidance)
     layout = BatchLayout.standard(len(prompts), cfg, groups=groups, roles=roles)
     control = control if control is not None else MasaCtrl()
     return edit_pipe.generate(prompts, controls=[control, *controls], seed=seeds, layout=layout, **kw)

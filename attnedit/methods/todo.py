@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["ToDo"]
 
 METHODS = ("nearest-exact", "nearest", "avg", "bilinear")
-# Native denoiser latent side when the config has no sample_size (FLUX: 1024 px / 8).
-_NATIVE_LATENT = {"flux": 128}
+# Native denoiser latent side when neither the family (its adapter's method_defaults) nor the config says
+_NATIVE_LATENT = 128
 
 
 MAX_FACTOR = 16  # keys/values 256x fewer: past this a layer's grid is one token or less at any real size
@@ -112,10 +112,10 @@ class ToDo(Control):
             )
         levels = sorted({i.level for i in picked})
         self._level_rank = {lvl: r for r, lvl in enumerate(levels)}
-        denoiser = getattr(run.pipe, run.family.denoiser)
-        size = getattr(denoiser.config, "sample_size", None)
-        if run.family.name in _NATIVE_LATENT or size is None:
-            side = _NATIVE_LATENT.get(run.family.name, 128)
+        side = run.family.method_default("todo", "native_latent")
+        size = getattr(run.family.denoiser.config, "sample_size", None)
+        if side is not None or size is None:
+            side = side or _NATIVE_LATENT
             self._native_latent = (side, side)
         else:
             self._native_latent = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))

@@ -300,7 +300,7 @@ class AttenCraftTrainer:
             edit = EditPipeline(copy.deepcopy(self.model.pipe), model_name=self.model.model_name)
         else:
             edit = load(self.model)
-        if edit.family.name not in ("sd", "sdxl"):
+        if not (edit.family.has("unet") and edit.family.has("clip_text")):
             raise ValueError(f"AttenCraft training supports UNet models with CLIP text encoders (SD 1.x/2.x, SDXL); "
                              f"{edit.model_name!r} is {edit.family.label}")
         self.edit = edit
@@ -422,10 +422,7 @@ class AttenCraftTrainer:
 
     def _text_pairs(self) -> list[tuple[Any, Any]]:
         """(tokenizer, text encoder) pairs: one for SD, two for SDXL (their features are concatenated)."""
-        pairs = [(self.pipe.tokenizer, self.pipe.text_encoder)]
-        if self.edit.family.name == "sdxl":
-            pairs.append((self.pipe.tokenizer_2, self.pipe.text_encoder_2))
-        return pairs
+        return self.edit.family.text_encoders()
 
     def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states, pooled embedding or None) as the pipeline's own encode_prompt builds them."""
@@ -526,10 +523,9 @@ class AttenCraftTrainer:
 
     def _positions(self, prompt: str, subset: list[int], spans: bool) -> tuple[list[int], dict[str, list[int]]]:
         """Key positions to capture (start token first) and, per concept, its token (or whole phrase) columns."""
-        from ..families import text_segments
         from ..tokens import index_prompt
 
-        index = index_prompt(prompt, text_segments(self.pipe, self.edit.family), warn=False)
+        index = index_prompt(prompt, self.edit.family.text_segments(), warn=False)
         cols: dict[str, list[int]] = {"sot": [0]}
         for i in subset:
             token_pos = index.find(self.cfg.tokens[i])

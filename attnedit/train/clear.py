@@ -108,7 +108,7 @@ def teacher_samples(
 ) -> dict[str, torch.Tensor]:
     """Self-generated data: teacher latents x0 (packed) and cached text embeddings, one row per sample."""
     pipe = edit_pipe.pipe
-    call, negative = edit_pipe.with_true_cfg(edit_pipe.call_defaults(), guidance)
+    call, negative = edit_pipe.guidance_call(edit_pipe.call_defaults(), guidance)
     if negative is not None:
         call["negative_prompt"] = negative
     msl = int(call.get("max_sequence_length", 512))
@@ -118,7 +118,7 @@ def teacher_samples(
         g = torch.Generator(device="cpu").manual_seed(seed + i)
         latents = edit_pipe.initial_latents(1, height, width, [g])
         out = pipe(
-            prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+            prompt=prompt, num_inference_steps=steps, height=height, width=width,
             latents=latents, output_type="latent", **call,
         )
         emb, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=edit_pipe.device,
@@ -206,7 +206,7 @@ def distill_clear(
     set_seed(seed)
     if edit_pipe is None:
         edit_pipe = load(model, device=device or accelerator.device, dtype=dtype)
-    if edit_pipe.family.name != "flux":
+    if not edit_pipe.family.has("clear_distillation"):
         raise ValueError(
             f"CLEAR distillation is implemented for FLUX-architecture DiTs; {model!r} is {edit_pipe.family.label}"
         )
