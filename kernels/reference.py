@@ -41,6 +41,25 @@ def downsample_kv(x: torch.Tensor, spec: KVDownsample) -> torch.Tensor:
     return torch.cat([x[:, :start], small, x[:, end:]], dim=1)
 
 
+def downsample_key_mask(mask: torch.Tensor, spec: KVDownsample) -> torch.Tensor:
+    """A mask over the keys (last dim) resampled as `downsample_kv` resamples the keys.
+
+    Why: joint-attention models mask padded text keys (Qwen-Image's `encoder_hidden_states_mask`)
+    and ToDo shortens the image part of the same key sequence. Nearest modes pick the same key as
+    the keys do (exact); avg / bilinear keep a cell when any of its keys is kept (bool) or average
+    the additive biases, which is exact wherever the image keys carry no mask (the usual case).
+    """
+    if spec.factor == (1, 1):
+        return mask
+    lead = mask.shape[:-1]
+    as_keys = mask.reshape(-1, mask.shape[-1]).t()[None, :, :, None]  # (1, Lk, M, 1): keys on dim 1
+    if mask.dtype == torch.bool:
+        small = downsample_kv(as_keys.float(), spec) > 0
+    else:
+        small = downsample_kv(as_keys, spec)
+    return small[0, :, :, 0].t().reshape(*lead, -1)
+
+
 _KV_INDEX: dict[tuple, torch.Tensor] = {}
 
 

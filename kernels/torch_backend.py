@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import downsample_kv, window_mask
+from .reference import downsample_key_mask, downsample_kv, window_mask
 from .registry import needs_grad, register_backend
 from .types import KVDownsample, LocalWindow, RegionMask
 
@@ -43,8 +43,11 @@ def torch_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The PyTorch path: SDPA (or xformers) with masks materialised densely when needed."""
     if downsample is not None:
+        n_keys = k.shape[1]
         k = downsample_kv(k, downsample)
         v = downsample_kv(v, downsample)
+        if mask is not None and mask.shape[-1] == n_keys:  # a mask over the keys shrinks with them
+            mask = downsample_key_mask(mask, downsample)
     n_q, n_k = q.shape[1], k.shape[1]
     keep: torch.Tensor | None = None
     if regions is not None:

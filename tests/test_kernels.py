@@ -409,3 +409,29 @@ def test_benchmark_plan_matches_the_performance_anchors(capsys, load_benchmark):
         assert abs(got - density) < 0.06
     assert bench.main(["--dry-run", "--filter", "FLUX 4096"]) == 0
     assert "5 cases" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact", "avg"])
+def test_downsample_shortens_a_key_mask_with_the_keys(mode):
+    """A padded-text key mask (Qwen-Image) under ToDo: the masked text keys stay masked, image keys kept."""
+    from attnedit.kernels.reference import downsample_key_mask, downsample_kv
+
+    torch.manual_seed(0)
+    b, n_txt, grid, heads, d = 2, 3, (4, 4), 2, 8
+    n = n_txt + grid[0] * grid[1]
+    q, k, v = (torch.randn(b, n, heads, d) for _ in range(3))
+    mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    mask[1, ..., 1:n_txt] = False  # the second prompt is one token long, padded to three
+    spec = KVDownsample(grid, (2, 2), mode, start=n_txt)
+    out = dispatch.torch_attention(q, k, v, mask=mask, downsample=spec)[0]
+    small_k, small_v = downsample_kv(k, spec), downsample_kv(v, spec)
+    kept = torch.cat([mask[..., :n_txt], torch.ones(b, 1, 1, 4, dtype=torch.bool)], dim=-1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), small_k.transpose(1, 2), small_v.transpose(1, 2), attn_mask=kept).transpose(1, 2)
+    assert (out - ref).abs().max().item() <= 1e-5
+    # a mask on image keys keeps the entry of the key each cell picks: corners (nearest), centres (nearest-exact)
+    if mode != "avg":
+        img = torch.rand(b, 1, 1, n) > 0.3
+        cells = [0, 2, 8, 10] if mode == "nearest" else [5, 7, 13, 15]
+        expected = torch.cat([img[..., :n_txt], img[..., [n_txt + c for c in cells]]], dim=-1)
+        assert torch.equal(downsample_key_mask(img, spec), expected)
