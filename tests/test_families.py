@@ -1,0 +1,66 @@
+"""Family adapters: what each new family's adapter reads from its pipeline, checked against the pipeline itself.
+
+The shared behaviour (reload, equality with the stock processors, grids, the conformance matrix) runs
+for every registered family in test_foundation / test_conformance; here is what is particular to the
+chat-template text encoder of FLUX.2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnedit
+from attnedit.families import FAMILIES, family_from_class, family_of
+from attnedit.tiny import build_tiny, tiny_call_kwargs
+from attnedit.tokens import index_prompt
+
+PROMPT = "a red cube and a blue ball"
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {name: build_tiny(name) for name in ("flux2",)}
+
+
+def _pipeline_ids(pipe, name: str, prompt: str) -> list[int]:
+    """The token ids whose encoder outputs the pipeline hands to the denoiser, as diffusers computes them."""
+    tok = pipe.tokenizer
+    if name == "flux2":
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True, enable_thinking=False)
+        return tok(text).input_ids
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["flux2"])
+def test_word_positions_are_the_pipelines_tokens(pipes, name):
+    """A word's positions are where the pipeline's own encoder input holds that word's tokens."""
+    pipe = pipes[name]
+    index = index_prompt(PROMPT, family_of(pipe).text_segments())
+    ids = _pipeline_ids(pipe, name, PROMPT)
+    for word in ("red", "cube", "blue", "ball"):
+        pos = index.find(word)
+        assert pos and max(pos) < len(ids)
+        assert pipe.tokenizer.decode([ids[p] for p in pos]).strip() == word
+
+
+@pytest.mark.parametrize("name", ["flux2"])
+def test_registered_by_pipeline_class(pipes, name):
+    fam = family_of(pipes[name])
+    assert type(fam) is FAMILIES[name]
+    assert family_from_class(type(pipes[name]).__name__) is FAMILIES[name]
+    registry = fam.build_registry(fam.denoiser)
+    assert len(registry) == len(fam.denoiser.attn_processors)  # every attention layer, by module name
+    assert {i.kind for i in registry} == {"joint"}  # text and image tokens attend in one sequence
+
+
+def test_flux2_refuses_what_it_would_ignore(pipes):
+    """Reference images and negative prompts: refused before denoising, not dropped."""
+    ep = attnedit.EditPipeline(pipes["flux2"], model_name="tiny-flux2")
+    with pytest.raises(ValueError, match="negative"):
+        ep.generate(PROMPT, steps=1, negative_prompt="blurry")
+    with attnedit.controlled(pipes["flux2"], attnedit.AttentionStore(words=["cube"])):
+        with pytest.raises(ValueError, match="image"):
+            pipes["flux2"](prompt=PROMPT, image=torch.zeros(1, 3, 64, 64), num_inference_steps=1, height=64,
+                           width=64, **tiny_call_kwargs("flux2"))
