@@ -2,7 +2,7 @@
 
 The shared behaviour (reload, equality with the stock processors, grids, the conformance matrix) runs
 for every registered family in test_foundation / test_conformance; here is what is particular to the
-chat-template text encoder of FLUX.2.
+chat-template text encoders of FLUX.2 and Qwen-Image and to Qwen-Image's padded-text mask.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PROMPT = "a red cube and a blue ball"
 
 @pytest.fixture(scope="module")
 def pipes():
-    return {name: build_tiny(name) for name in ("flux2",)}
+    return {name: build_tiny(name) for name in ("flux2", "qwenimage")}
 
 
 def _pipeline_ids(pipe, name: str, prompt: str) -> list[int]:
@@ -30,10 +30,11 @@ def _pipeline_ids(pipe, name: str, prompt: str) -> list[int]:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True, enable_thinking=False)
         return tok(text).input_ids
-    raise AssertionError(name)
+    text = pipe.prompt_template_encode.format(prompt)
+    return tok(text).input_ids[pipe.prompt_template_encode_start_idx:]
 
 
-@pytest.mark.parametrize("name", ["flux2"])
+@pytest.mark.parametrize("name", ["flux2", "qwenimage"])
 def test_word_positions_are_the_pipelines_tokens(pipes, name):
     """A word's positions are where the pipeline's own encoder input holds that word's tokens."""
     pipe = pipes[name]
@@ -45,7 +46,7 @@ def test_word_positions_are_the_pipelines_tokens(pipes, name):
         assert pipe.tokenizer.decode([ids[p] for p in pos]).strip() == word
 
 
-@pytest.mark.parametrize("name", ["flux2"])
+@pytest.mark.parametrize("name", ["flux2", "qwenimage"])
 def test_registered_by_pipeline_class(pipes, name):
     fam = family_of(pipes[name])
     assert type(fam) is FAMILIES[name]
@@ -53,6 +54,27 @@ def test_registered_by_pipeline_class(pipes, name):
     registry = fam.build_registry(fam.denoiser)
     assert len(registry) == len(fam.denoiser.attn_processors)  # every attention layer, by module name
     assert {i.kind for i in registry} == {"joint"}  # text and image tokens attend in one sequence
+
+
+def test_qwenimage_padded_prompt_in_a_batch_equals_it_alone(pipes):
+    """Qwen-Image pads the shorter prompt's text and masks it; ToDo shortens the keys under that mask."""
+    pipe = pipes["qwenimage"]
+    prompts = ["a red circle", "a big blue square on the left of a small green ring"]
+
+    def latents(batch, seeds, controls):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        with attnedit.controlled(pipe, *controls):
+            return pipe(prompt=batch, num_inference_steps=2, height=64, width=64, generator=gens,
+                        output_type="latent", **tiny_call_kwargs("qwenimage")).images
+
+    for controls in ([], [attnedit.ToDo(factor=2)]):
+        both = latents(prompts, [0, 1], controls)
+        for i, prompt in enumerate(prompts):
+            alone = latents([prompt], [i], controls)
+            assert (both[i] - alone[0]).abs().max().item() <= 1e-5, (controls, i)
+    plain = latents(prompts[:1], [0], [])
+    todo = latents(prompts[:1], [0], [attnedit.ToDo(factor=2)])
+    assert (plain - todo).abs().max().item() > 1e-4  # ToDo acts here
 
 
 def test_flux2_refuses_what_it_would_ignore(pipes):
