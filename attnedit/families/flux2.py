@@ -28,7 +28,7 @@ _SENTINEL = "\x00attnedit-prompt\x00"
 class Flux2(Flux):
     name = "flux2"
     order = 60
-    label = "FLUX.2"
+    label = "FLUX.2 [klein]"
     pipeline_classes = ("Flux2KleinPipeline",)
     capabilities = frozenset({"dit", "step_callback", "text_maps"})
     default_steps = 50
