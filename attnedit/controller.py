@@ -34,7 +34,10 @@ from .layout import BatchLayout
 from .processor import AttnEditProcessor
 from .tokens import TokenIndex, index_prompt
 
-_EXCLUSIVE_HOOKS = ("attend", "downsample", "window")
+# Hooks that replace one part of a layer's attention: two controls in one group cannot both act on a
+# layer in the same step. ToDo's downsampling and CLEAR's window both decide which keys a query sees.
+_EXCLUSIVE_GROUPS = {"set the attention attend": ("attend",), "change the keys (downsample / window)": (
+    "downsample", "window")}
 
 
 class NonFiniteError(RuntimeError):
@@ -126,8 +129,8 @@ class Controller:
         self._cache_wrapped: tuple[bool, Any] = (False, None)
         self._class_swapped: type | None = None
         self._pass_name: str | None = None
-        self._refuse_unsupported()
-        self._check_conflicts()
+        self._checked: tuple[int, ...] | None = None  # the controls whose set checks passed for any step count
+        self._check_controls(final=False)
 
     # ----------------------------------------------------------------------------- install/remove
     def install(self) -> Controller:
@@ -167,8 +170,6 @@ class Controller:
             raise
         self.pipe._attnedit_controller = self
         self._installed = True
-        for c in self.controls:
-            c.reset()
         return self
 
     def remove(self) -> None:
@@ -260,8 +261,7 @@ class Controller:
         self.step = 0
         self._active_cache = None
         self._run_open = False  # until every control is bound: a refused run leaves nothing half open
-        self._refuse_unsupported()
-        self._check_conflicts(num_steps)
+        self._check_controls(num_steps)
         for c in self.controls:
             c.reset()
             c.bind(self.run)
@@ -269,19 +269,39 @@ class Controller:
         self._run_open = True
         return self.run
 
-    def _check_conflicts(self, num_steps: int | None = None) -> None:
-        """Refuse two controls that both replace the same part of one layer's attention."""
-        for hook in _EXCLUSIVE_HOOKS:
-            owners = [c for c in self.controls if c.overrides(hook)]
+    def _check_conflicts(self, num_steps: int | None = None, final: bool = True) -> bool:
+        """Refuse two controls that both replace the same part of one layer's attention.
+
+        Fractional step windows with no step count: left undecided unless `final` (a run that has no
+        step count, a direct denoiser call, counts them as overlapping). Returns whether the verdict
+        holds for any step count, so a run need not check again.
+        """
+        decided = True
+        for what, hooks in _EXCLUSIVE_GROUPS.items():
+            owners = [c for c in self.controls if any(c.overrides(h) for h in hooks)]
             for i, a in enumerate(owners):
                 for b in owners[i + 1 :]:
                     shared = [x for x in self.registry if a.layers(x) and b.layers(x)]
-                    if shared and _windows_overlap(a, b, num_steps):
+                    if not shared:
+                        continue
+                    if _windows_overlap(a, b, None) is None:
+                        decided = False  # fractional windows: each step count decides anew
+                    overlap = _windows_overlap(a, b, num_steps)
+                    if overlap or (overlap is None and final):
                         raise ValueError(
-                            f"controls {a.name!r} and {b.name!r} both set the attention {hook} on "
-                            f"{len(shared)} layer(s) (e.g. {shared[0].name}) in overlapping steps; "
-                            "give them disjoint `layers=` or `steps=`"
+                            f"controls {a.name!r} and {b.name!r} both {what} on {len(shared)} layer(s) "
+                            f"(e.g. {shared[0].name}) in overlapping steps; give them disjoint `layers=` or `steps=`"
                         )
+        return decided
+
+    def _check_controls(self, num_steps: int | None = None, final: bool = True) -> None:
+        """The checks of the controls as a set (families, step callback, conflicts), once per set of controls:
+        when the controller is made, and at a run only if the controls changed or a step count decides."""
+        key = tuple(map(id, self.controls))
+        if self._checked == key:
+            return
+        self._refuse_unsupported()
+        self._checked = key if self._check_conflicts(num_steps, final) else None
 
     @contextmanager
     def call_options(self, **options: Any) -> Iterator[None]:
@@ -754,12 +774,13 @@ def _registry(family: Family) -> LayerRegistry:
     return cached
 
 
-def _windows_overlap(a: Control, b: Control, num_steps: int | None) -> bool:
+def _windows_overlap(a: Control, b: Control, num_steps: int | None) -> bool | None:
+    """Whether two controls' step windows share a step (None: fractional windows and no step count yet)."""
     if not (set(a.phases) & set(b.phases)):
         return False
     try:
         lo_a, hi_a = a.steps.bounds(num_steps)
         lo_b, hi_b = b.steps.bounds(num_steps)
     except ValueError:
-        return True  # fractional windows without a step count: assume they overlap
+        return None
     return max(lo_a, lo_b) < min(hi_a, hi_b)

@@ -83,12 +83,3 @@ class LayerRegistry:
 
     def levels(self) -> list[int]:
         return sorted({i.level for i in self.layers.values()})
-
-
-def build_registry(denoiser: torch.nn.Module, family: str) -> LayerRegistry:
-    """The registry of a denoiser of `family` (a family name); its adapter knows the module names."""
-    from .families import FAMILIES
-
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    return FAMILIES[family](None, denoiser).build_registry(denoiser)

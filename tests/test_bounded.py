@@ -241,9 +241,8 @@ def _layout_unet(sdxl: bool):
 
 
 def test_official_layers_on_real_layouts():
-    from attnedit.families import FAMILIES
+    from attnedit.families import FAMILIES, build_registry
     from attnedit.guidance import default_map_layers, map_level
-    from attnedit.layers import build_registry
     from attnedit.methods.bounded import _official_layers
 
     reg = build_registry(_layout_unet(False), "sd")

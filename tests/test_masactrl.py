@@ -8,8 +8,9 @@ import torch
 
 import attnedit
 from attnedit.controls import CallContext
+from attnedit.families import build_registry
 from attnedit.kernels import RegionMask, attention
-from attnedit.layers import LayerInfo, build_registry
+from attnedit.layers import LayerInfo
 from attnedit.layout import BatchLayout
 from attnedit.methods.masactrl import MasaCtrl, consistent
 from attnedit.selectors import Select, Steps

@@ -10,7 +10,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..layers import LayerRegistry
 
 from .base import CAPABILITIES, DiTFamily, Family, ForwardInfo, InversionCondition, UNetFamily
 
@@ -65,9 +70,16 @@ def family_of(pipe: Any, denoiser: Any = None) -> Family:
     return family_from_class(cls.__name__)(pipe, denoiser)
 
 
+def build_registry(denoiser: torch.nn.Module, family: str) -> LayerRegistry:
+    """The layer registry of a bare denoiser of `family` (a family name), without its pipeline."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    return FAMILIES[family](None, denoiser).build_registry(denoiser)
+
+
 def families_with(capability: str) -> list[type[Family]]:
     return [f for f in FAMILIES.values() if f.has(capability)]
 
 
 __all__ = ["CAPABILITIES", "FAMILIES", "DiTFamily", "Family", "ForwardInfo", "InversionCondition", "UNetFamily",
-           "families_with", "family_from_class", "family_of", "register_family", "supported_table"]
+           "build_registry", "families_with", "family_from_class", "family_of", "register_family", "supported_table"]

@@ -334,16 +334,6 @@ class CLEAR(Control):
         return Select(kind=("self", "joint"))
 
     def setup(self, run: Run) -> None:
-        for other in run.controls:
-            if other is self or not other.overrides("downsample"):
-                continue
-            theirs = {i.name for i in (other.layers.pick(run.registry) if isinstance(other.layers, Select)
-                                       else [i for i in run.registry if other.layers(i)])}
-            shared = sorted(theirs & self.selected_layers)
-            if shared:
-                raise ValueError(
-                    f"CLEAR and {other.name!r} both change the keys of layer {shared[0]}; give them disjoint `layers=`"
-                )
         denoiser = run.family.denoiser
         attached = getattr(denoiser, "attnedit_clear", None)
         attached = attached if isinstance(attached, ClearWeights) else None
