@@ -1,90 +1,24 @@
 """`attnedit testbed train ...`: the testbed's training recipe on the command line.
 
-The argument definitions live here, apart from the recipes (which import torch), so `--help` is instant.
+The argument definitions live in `options.py`, apart from the recipes (which import torch), so `--help` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 
-
-def _doc(module: str) -> str | None:
-    """A module's docstring without importing it (the recipes import torch at the top)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        return None
-    with open(spec.origin, encoding="utf-8") as fh:
-        return ast.get_docstring(ast.parse(fh.read()))
-
-
-def add_denoiser_args(ap: argparse.ArgumentParser, *, lr: float, threads: int) -> None:
-    """The denoiser-stage options both recipes share (shapes-sd's UNet, shapes-dit's transformer)."""
-    ap.add_argument("--steps", type=int, default=3000, help="denoiser + text encoder steps")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=lr)
-    ap.add_argument("--cfg-drop", type=float, default=0.1)
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--every", type=int, default=500, help="sample grid + checkpoint period")
-    ap.add_argument("--threads", type=int, default=threads)
-    ap.add_argument("--resume", action="store_true")
-
-
-
-def train_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="attnedit testbed train", description=_doc("attnedit.testbed.train"),
-                                 add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="assets/models/shapes-sd", help="pipeline folder to write")
-    ap.add_argument("--work", default="/tmp/testbed-work", help="checkpoints, sample grids, log")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", type=int, default=8000, help="pre-rendered training images")
-    ap.add_argument("--vae-steps", type=int, default=600)
-    ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--vae-lr", type=float, default=1e-3)
-    ap.add_argument("--vae-crop", type=int, default=64, help="train the VAE on random crops of this size")
-    ap.add_argument("--vae-init", default=None, help="start the VAE from a checkpoint of this script")
-    ap.add_argument("--vae-latent-noise", type=float, default=0.1,
-                    help="noise added to the latents the decoder trains on, relative to their spread")
-    ap.add_argument("--vae-decoder-only", action="store_true",
-                    help="train only the decoder (the encoder and so the latent space stay as in --vae-init)")
-    ap.add_argument("--install-vae-into", default=None, metavar="FOLDER",
-                    help="write the --vae-init VAE into a trained pipeline folder (same encoder) and stop")
-    ap.add_argument("--vae-only", action="store_true",
-                    help="train the VAE, write WORK/vae.pt (for --vae-init here and in train_dit) and stop")
-    ap.add_argument("--vae-whiten", action="store_true",
-                    help="fold per-channel latent mean/std of the training images into the VAE (exact)")
-    add_denoiser_args(ap, lr=6e-4, threads=2)
-    ap.add_argument("--text-layers", type=int, default=0,
-                    help="text encoder transformer layers (default 0, as shipped: each token's state is its own word)")
-    ap.add_argument("--min-snr", type=float, default=5.0,
-                    help="Min-SNR-gamma loss weighting (default 5: the paper's value, as shipped; 0 = uniform)")
-    return ap
-
-
-
-def train_dit_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="attnedit testbed train-dit", description=_doc("attnedit.testbed.train_dit"),
-                                 add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="assets/models/shapes-dit", help="pipeline folder to write")
-    ap.add_argument("--work", default="/tmp/testbed-dit", help="checkpoints, sample grids, log")
-    ap.add_argument("--vae-init", required=True, help="VAE checkpoint of `train --vae-only` (shared with shapes-sd)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", type=int, default=8000, help="pre-rendered training images")
-    add_denoiser_args(ap, lr=1e-3, threads=1)
-    return ap
-
+from .options import module_doc, train_dit_parser, train_parser
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("testbed", help="the synthetic testbed: train its models")
     actions = p.add_subparsers(dest="action", required=True)
     train = actions.add_parser("train", parents=[train_parser(add_help=False)], help="train shapes-sd",
-                               description=_doc("attnedit.testbed.train"),
+                               description=module_doc("attnedit.testbed.train"),
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     train.set_defaults(func=_train)
     dit = actions.add_parser("train-dit", parents=[train_dit_parser(add_help=False)], help="train shapes-dit",
-                             description=_doc("attnedit.testbed.train_dit"),
+                             description=module_doc("attnedit.testbed.train_dit"),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     dit.set_defaults(func=_train_dit)
 

@@ -385,7 +385,7 @@ def check_denoiser_args(args: argparse.Namespace, *extra: tuple[str, bool, str])
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from .cli import train_parser
+    from .options import train_parser
 
     return train_parser(add_help)
 

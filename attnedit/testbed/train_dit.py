@@ -130,7 +130,7 @@ def sample_grid(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: 
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from .cli import train_dit_parser
+    from .options import train_dit_parser
 
     return train_dit_parser(add_help)
 
