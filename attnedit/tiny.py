@@ -8,6 +8,7 @@ family's adapter (`attnedit/families/`) builds its own from the parts here.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -90,14 +91,15 @@ def tiny_vae(dit: bool = False):
     return AutoencoderKL(**kw)
 
 
-def build_tiny(family: str, seed: int = 0, levels: int = 2):
+def build_tiny(family: str, seed: int = 0, levels: int = 2, **options: Any):
     """A tiny pipeline of `family` (a family name: "sd", "sdxl", "sd3", "flux", "pixart", ...) with random
-    weights, built by the family's adapter. `levels=3` gives the SD UNet a third resolution level."""
+    weights, built by the family's adapter. `levels=3` gives the SD UNet a third resolution level; other
+    `options` go to the adapter (`variant="dev"`: FLUX.2's Flux2Pipeline)."""
     from .families import FAMILIES
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(FAMILIES)}")
-    pipe = FAMILIES[family].build_tiny(seed=seed, levels=levels)
+    pipe = FAMILIES[family].build_tiny(seed=seed, levels=levels, **options)
     for comp in pipe.components.values():
         if isinstance(comp, torch.nn.Module):
             comp.eval()

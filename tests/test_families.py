@@ -2,7 +2,8 @@
 
 The shared behaviour (reload, equality with the stock processors, grids, the conformance matrix) runs
 for every registered family in test_foundation / test_conformance; here is what is particular to the
-chat-template text encoders of FLUX.2 and Qwen-Image and to Qwen-Image's padded-text mask.
+chat-template text encoders of FLUX.2 and Qwen-Image, to FLUX.2's second pipeline class ([dev]:
+`Flux2Pipeline`, outside the matrix, whose tiny pipeline is a variant) and to Qwen-Image's padded-text mask.
 """
 
 from __future__ import annotations
@@ -20,12 +21,20 @@ PROMPT = "a red cube and a blue ball"
 
 @pytest.fixture(scope="module")
 def pipes():
-    return {name: build_tiny(name) for name in ("flux2", "qwenimage")}
+    found = {name: build_tiny(name) for name in ("flux2", "qwenimage")}
+    found["flux2-dev"] = build_tiny("flux2", variant="dev")
+    return found
 
 
 def _pipeline_ids(pipe, name: str, prompt: str) -> list[int]:
     """The token ids whose encoder outputs the pipeline hands to the denoiser, as diffusers computes them."""
     tok = pipe.tokenizer
+    if name == "flux2-dev":
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        messages = format_input([prompt], system_message=pipe.system_message)
+        return tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=True, return_dict=True,
+                                       return_tensors="pt")["input_ids"][0].tolist()
     if name == "flux2":
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True, enable_thinking=False)
@@ -34,7 +43,7 @@ def _pipeline_ids(pipe, name: str, prompt: str) -> list[int]:
     return tok(text).input_ids[pipe.prompt_template_encode_start_idx:]
 
 
-@pytest.mark.parametrize("name", ["flux2", "qwenimage"])
+@pytest.mark.parametrize("name", ["flux2", "flux2-dev", "qwenimage"])
 def test_word_positions_are_the_pipelines_tokens(pipes, name):
     """A word's positions are where the pipeline's own encoder input holds that word's tokens."""
     pipe = pipes[name]
@@ -46,11 +55,12 @@ def test_word_positions_are_the_pipelines_tokens(pipes, name):
         assert pipe.tokenizer.decode([ids[p] for p in pos]).strip() == word
 
 
-@pytest.mark.parametrize("name", ["flux2", "qwenimage"])
+@pytest.mark.parametrize("name", ["flux2", "flux2-dev", "qwenimage"])
 def test_registered_by_pipeline_class(pipes, name):
     fam = family_of(pipes[name])
-    assert type(fam) is FAMILIES[name]
-    assert family_from_class(type(pipes[name]).__name__) is FAMILIES[name]
+    family = name.split("-")[0]
+    assert type(fam) is FAMILIES[family]
+    assert family_from_class(type(pipes[name]).__name__) is FAMILIES[family]
     registry = fam.build_registry(fam.denoiser)
     assert len(registry) == len(fam.denoiser.attn_processors)  # every attention layer, by module name
     assert {i.kind for i in registry} == {"joint"}  # text and image tokens attend in one sequence
@@ -86,3 +96,37 @@ def test_flux2_refuses_what_it_would_ignore(pipes):
         with pytest.raises(ValueError, match="image"):
             pipes["flux2"](prompt=PROMPT, image=torch.zeros(1, 3, 64, 64), num_inference_steps=1, height=64,
                            width=64, **tiny_call_kwargs("flux2"))
+
+
+def _dev_latents(pipe, controls=(), prompt=PROMPT, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with attnedit.controlled(pipe, *controls):
+        return pipe(prompt=prompt, num_inference_steps=2, guidance_scale=4.0, height=64, width=64, generator=gen,
+                    output_type="latent", **tiny_call_kwargs("flux2")).images
+
+
+def test_flux2_dev_equals_stock_and_controls_act(pipes, tmp_path):
+    """Flux2Pipeline: the stock result with no control and an inactive one; word maps, ToDo and CLEAR act."""
+    pipe = pipes["flux2-dev"]
+    gen = torch.Generator().manual_seed(0)
+    stock = pipe(prompt=PROMPT, num_inference_steps=2, guidance_scale=4.0, height=64, width=64, generator=gen,
+                 output_type="latent", **tiny_call_kwargs("flux2")).images
+    assert (stock - _dev_latents(pipe)).abs().max().item() <= 1e-6
+    assert (stock - _dev_latents(pipe, [attnedit.ToDo(factor=2, steps=attnedit.Steps(0, 0))])).abs().max() <= 1e-6
+    store = attnedit.AttentionStore(words=["cube", "ball"])
+    assert (stock - _dev_latents(pipe, [store])).abs().max().item() <= 1e-6  # capturing changes nothing
+    cube, ball = store.word_map("cube"), store.word_map("ball")
+    assert cube.shape == ball.shape == (4, 4) and not torch.allclose(cube, ball)
+    for control in (attnedit.ToDo(factor=2), attnedit.CLEAR(radius=2)):
+        assert (stock - _dev_latents(pipe, [control])).abs().max().item() > 1e-4, control
+    pipe.save_pretrained(tmp_path / "dev")
+    loaded = attnedit.load(tmp_path / "dev")
+    assert type(loaded.pipe).__name__ == "Flux2Pipeline" and loaded.family.name == "flux2"
+
+
+def test_flux2_dev_refuses_caption_upsampling(pipes):
+    """The text encoder would rewrite the prompt the controls index: refused before any model call."""
+    with attnedit.controlled(pipes["flux2-dev"], attnedit.AttentionStore(words=["cube"])):
+        with pytest.raises(ValueError, match="caption_upsample_temperature"):
+            pipes["flux2-dev"](prompt=PROMPT, caption_upsample_temperature=0.7, num_inference_steps=1, height=64,
+                               width=64, **tiny_call_kwargs("flux2"))
