@@ -569,7 +569,8 @@ class RepositionAttention(Control):
 
 
 # ------------------------------------------------------------------------------ conveniences
-def _check_words(edit_pipe, prompts: Sequence[str], words: Sequence[Sequence[str]], max_len=None) -> None:
+def check_subject_words(edit_pipe, prompts: Sequence[str], words: Sequence[Sequence[str]], max_len=None) -> None:
+    """Each prompt holds its words (a ValueError names the prompt's words otherwise); checked before any model call."""
     from ..tokens import index_prompt
 
     segs = edit_pipe.family.text_segments(max_len)
@@ -602,7 +603,7 @@ def attention_masks(
         words = [list(words)] if len(prompts) == 1 else [[w] for w in words]
     if len(words) != len(prompts):
         raise ValueError(f"{len(words)} word lists for {len(prompts)} prompts; give one list per prompt")
-    _check_words(edit_pipe, prompts, words, edit_pipe.call_defaults().get("max_sequence_length"))
+    check_subject_words(edit_pipe, prompts, words, edit_pipe.call_defaults().get("max_sequence_length"))
     store = AttentionStore()
     res = edit_pipe.generate(prompts, controls=[store, *controls], seed=seed, **kw)
     height, width = res.images[0].size[1], res.images[0].size[0]
@@ -659,8 +660,8 @@ def ir_diffusion(
         if bad in kw:
             raise ValueError(f"ir_diffusion sets {bad!r} itself; do not pass it")
     max_len = edit_pipe.call_defaults().get("max_sequence_length")
-    _check_words(edit_pipe, refs, [[w] for w in subjects], max_len)
-    _check_words(edit_pipe, [scene_prompt], [scene_subjects], max_len)
+    check_subject_words(edit_pipe, refs, [[w] for w in subjects], max_len)
+    check_subject_words(edit_pipe, [scene_prompt], [scene_subjects], max_len)
     ref_seed = int(reference_seed) if reference_seed is not None else int(seed) + 1000
     opts = dict(control_options or {})
     whole = [[0.0, 0.0, 1.0, 1.0]] * len(refs)  # the options and the model are checked before any rehearsal
