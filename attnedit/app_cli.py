@@ -55,17 +55,26 @@ def models_of(model: str | None, models: str | None) -> tuple[list[str], str]:
 
 
 def load_app_module() -> ModuleType:
-    """`apps/app.py` of this checkout (it sits beside the package, not inside it)."""
+    """`apps/app.py` of this checkout (it sits beside the package, not inside it), imported as `apps.app`
+    with the checkout's `apps` package registered first, so its tabs (`apps/tabs/`) import from any folder."""
+    from pathlib import Path
+
     from .paths import REPO_ROOT
 
-    path = REPO_ROOT / "apps" / "app.py"
+    folder = REPO_ROOT / "apps"
+    path = folder / "app.py"
     if not path.is_file():
         raise FileNotFoundError(f"the app is not part of this installation (no {path}); run from a source checkout")
-    spec = importlib.util.spec_from_file_location("attnedit_app", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    known = sys.modules.get("apps")
+    if known is None or Path(getattr(known, "__file__", None) or "").resolve().parent != folder.resolve():
+        for name in [n for n in sys.modules if n == "apps" or n.startswith("apps.")]:
+            del sys.modules[name]  # another `apps` (not this checkout's) must not answer for it
+        spec = importlib.util.spec_from_file_location("apps", folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["apps"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module("apps.app")
 
 
 def _app(args: argparse.Namespace) -> int:
