@@ -466,3 +466,22 @@ def test_cli_options_match_the_config_and_the_documentation():
     for name, default in fields.items():
         if default is not None:
             assert rows[name] == f"`{default}`", name
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_trainable_condition_is_the_pipelines_with_gradients(family):
+    """What AttenCraft trains through equals what the pipeline encodes, and reaches the token embeddings."""
+    from attnedit.families import family_of
+    from attnedit.tiny import build_tiny
+
+    fam = family_of(build_tiny(family))
+    cond = fam.trainable_condition(["a red cube"], 64, 64)
+    ref = fam.encode_condition(["a red cube"], 1, height=64, width=64, image_grid=None, max_sequence_length=None)
+    assert torch.allclose(cond["encoder_hidden_states"], ref["encoder_hidden_states"], atol=1e-6)
+    if family == "sdxl":
+        for key in ("text_embeds", "time_ids"):
+            assert torch.allclose(cond["added_cond_kwargs"][key], ref["added_cond_kwargs"][key], atol=1e-6)
+        assert cond["added_cond_kwargs"]["time_ids"].tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]
+    cond["encoder_hidden_states"].sum().backward()
+    table = fam.text_encoders()[0][1].get_input_embeddings().weight
+    assert table.grad is not None and table.grad.abs().sum() > 0

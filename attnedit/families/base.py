@@ -212,6 +212,10 @@ class Family:
         """(tokenizer, text encoder) pairs whose token embeddings new concept tokens extend (AttenCraft)."""
         raise ValueError(f"learned concept tokens are not available for {self.label}")
 
+    def trainable_condition(self, prompts: list[str], height: int, width: int) -> dict[str, Any]:
+        """Denoiser kwargs of `prompts` with gradients through the text encoders (learning new tokens)."""
+        raise ValueError(f"learned concept tokens are not available for {self.label}")
+
     def encode_condition(self, prompts: list[str], n_per: int, *, height: int | None, width: int | None,
                          image_grid: tuple[int, int] | None, max_sequence_length: int | None,
                          guidance_scale: float | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -37,6 +37,14 @@ class StableDiffusion(UNetFamily):
         """(tokenizer, text encoder) pairs whose features the UNet reads (SDXL: two, concatenated)."""
         return [(self.pipe.tokenizer, self.pipe.text_encoder)]
 
+    def trainable_condition(self, prompts: list[str], height: int, width: int) -> dict[str, Any]:
+        """UNet kwargs of `prompts` built with gradients through the text encoders (training new token
+        embeddings, AttenCraft): the last hidden states, as `encode_prompt` gives them without clip_skip."""
+        tok, enc = self.text_encoders()[0]
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return {"encoder_hidden_states": enc(ids.to(self.denoiser.device))[0]}
+
     def encode_condition(self, prompts, n_per, *, height, width, image_grid, max_sequence_length,
                          guidance_scale=None, options=None):
         with torch.no_grad():

@@ -40,6 +40,20 @@ class StableDiffusionXL(StableDiffusion):
                                           text_encoder_projection_dim=proj)
         return ids.to(self.denoiser.device).repeat(rows, 1)
 
+    def trainable_condition(self, prompts: list[str], height: int, width: int) -> dict[str, Any]:
+        """As `StableDiffusion.trainable_condition`, SDXL's way: the penultimate hidden states of both
+        encoders side by side, the second's pooled projection and the time ids of an uncropped image."""
+        hidden, pooled = [], None
+        for tok, enc in self.text_encoders():
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            out = enc(ids.to(self.denoiser.device), output_hidden_states=True)
+            pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        emb = torch.cat(hidden, dim=-1)
+        ids = self.time_ids(height, width, emb.dtype, pooled, emb.shape[0])
+        return {"encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+
     def encode_condition(self, prompts, n_per, *, height, width, image_grid, max_sequence_length,
                          guidance_scale=None, options=None):
         with torch.no_grad():

@@ -424,29 +424,10 @@ class AttenCraftTrainer:
         """(tokenizer, text encoder) pairs: one for SD, two for SDXL (their features are concatenated)."""
         return self.edit.family.text_encoders()
 
-    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden states, pooled embedding or None) as the pipeline's own encode_prompt builds them."""
-        pairs = self._text_pairs()
-        if len(pairs) == 1:
-            tok, enc = pairs[0]
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            return enc(ids.to(self.device))[0], None
-        hidden, pooled = [], None
-        for tok, enc in pairs:  # SDXL: penultimate hidden states of both, pooled projection of the second
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            out = enc(ids.to(self.device), output_hidden_states=True)
-            pooled = out[0]
-            hidden.append(out.hidden_states[-2])
-        return torch.cat(hidden, dim=-1), pooled
-
-    def _added_cond(self, pooled: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
-        if pooled is None:
-            return None
-        r = float(self.cfg.resolution)
-        time_ids = torch.tensor([[r, r, 0.0, 0.0, r, r]], device=self.device).expand(pooled.shape[0], -1)
-        return {"text_embeds": pooled, "time_ids": time_ids}
+    def _encode_text(self, prompts: list[str]) -> dict[str, Any]:
+        """The UNet's text condition of `prompts` at the training resolution, with gradients to the new tokens."""
+        r = self.cfg.resolution
+        return self.edit.family.trainable_condition(prompts, r, r)
 
     def _add_tokens(self) -> None:
         cfg = self.cfg
@@ -599,8 +580,7 @@ class AttenCraftTrainer:
         layout = BatchLayout.standard(latents.shape[0], False)
         with self.controller.pass_phase("guidance", layout=layout, step=0), \
                 (self.acc.autocast() if autocast else nullcontext()):
-            pred = self.pipe.unet(noisy, t, encoder_hidden_states=cond[0], added_cond_kwargs=self._added_cond(cond[1])
-                                  ).sample
+            pred = self.pipe.unet(noisy, t, **cond).sample
         rec.positions = None
         rec.record_self = False
         return pred.float(), noisy
@@ -656,16 +636,14 @@ class AttenCraftTrainer:
         """Total loss of one micro-batch and its parts; `extra` carries the maps a mask refresh needs."""
         cfg = self.cfg
         k = len(cfg.concepts)
-        enc, pooled = self._encode_text([batch.prompt])
+        cond = self._encode_text([batch.prompt])
         latents = self.latent
         if self.class_latents is not None:
-            enc = torch.cat([enc, self.class_enc[0]])
-            if pooled is not None:
-                pooled = torch.cat([pooled, self.class_enc[1]])
+            cond = _concat(cond, self.class_enc)
             latents = torch.cat([latents, self.class_latents[batch.class_index : batch.class_index + 1]])
         keys, cols = self._positions(batch.prompt, batch.subset, spans=batch.refresh)
         noise = batch.noise.to(self.device)
-        pred, _ = self._unet(latents, (enc, pooled), batch.timesteps, noise, keys, batch.refresh)
+        pred, _ = self._unet(latents, cond, batch.timesteps, noise, keys, batch.refresh)
         if self.noise_sched.config.prediction_type == "v_prediction":
             target = self.noise_sched.get_velocity(latents, noise, batch.timesteps.to(self.device))
         else:
@@ -989,3 +967,10 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+
+def _concat(a: Any, b: Any) -> Any:
+    """Two denoiser conditions (nested dicts of tensors) stacked along the batch."""
+    if isinstance(a, dict):
+        return {k: _concat(a[k], b[k]) for k in a}
+    return torch.cat([a, b])
