@@ -41,7 +41,7 @@ import attnedit  # noqa: E402
 from attnedit.controller import Controller  # noqa: E402
 from attnedit.methods.clear import CLEAR  # noqa: E402
 from attnedit.testbed.detector import all_present, detect  # noqa: E402
-from attnedit.train.clear import distill_clear, teacher_samples  # noqa: E402
+from attnedit.train.clear import distill_clear, sample_condition, teacher_samples  # noqa: E402
 
 HELD_OUT = ("a yellow square below a red triangle", "three blue circles", "a green square and a magenta circle")
 #: world captions (assets/testbed/prompts/fast.json): the testbed detector can read their images
@@ -49,25 +49,15 @@ PROMPTS = tuple(json.loads((ROOT / "assets" / "testbed" / "prompts" / "fast.json
 
 
 @torch.no_grad()
-def velocity_error(edit_pipe, controls: list, data: dict[str, torch.Tensor], size: int, seed: int = 123) -> float:
+def velocity_error(edit_pipe, controls: list, data: dict, size: int, seed: int = 123) -> float:
     """Relative MSE of the denoiser's velocity against the teacher's (`data["teacher"]`), same x_t and t."""
-    den = edit_pipe.denoiser
-    dev, dtype = edit_pipe.device, edit_pipe.dtype
-    lh = 2 * (size // (edit_pipe.vae_scale_factor * 2))
-    img_ids = edit_pipe.pipe._prepare_latent_image_ids(1, lh // 2, lh // 2, dev, dtype)
-    txt_ids = torch.zeros(data["prompt_embeds"].shape[1], 3, device=dev, dtype=dtype)
-    guidance = torch.full((1,), 3.5, device=dev) if den.config.guidance_embeds else None
-    ctrl = Controller(edit_pipe.pipe, controls, denoiser=den).install()
+    ctrl = Controller(edit_pipe.pipe, controls, denoiser=edit_pipe.denoiser).install()
     errs = []
     try:
         ctrl.begin_run(None, num_steps=1, height=size, width=size)
         for i in range(data["x0"].shape[0]):
-            kw = dict(hidden_states=data["xt"][i : i + 1].to(dev, dtype), timestep=data["t"][i : i + 1].to(dev, dtype),
-                      guidance=guidance, pooled_projections=data["pooled"][i : i + 1].to(dev, dtype),
-                      encoder_hidden_states=data["prompt_embeds"][i : i + 1].to(dev, dtype), txt_ids=txt_ids,
-                      img_ids=img_ids, return_dict=False)
             with ctrl.pass_phase("guidance", step=0):
-                pred = den(**kw)[0].float().cpu()
+                pred = _velocity(edit_pipe, data, i)
             ref = data["teacher"][i : i + 1]
             errs.append(float(((pred - ref) ** 2).mean() / (ref**2).mean()))
     finally:
@@ -85,22 +75,19 @@ def held_out(teacher, size: int, n: int, seed: int = 1000) -> dict[str, torch.Te
     t = torch.rand(n, generator=g) * 0.8 + 0.1
     data["xt"] = (1 - t[:, None, None]) * data["x0"] + t[:, None, None] * noise
     data["t"] = t
-    data["teacher"] = torch.cat([_raw_velocity(teacher, {k: v[i : i + 1] for k, v in data.items()}, size)
-                                 for i in range(n)])
+    data["teacher"] = torch.cat([_velocity(teacher, data, i) for i in range(n)])
     return data
 
 
 @torch.no_grad()
-def _raw_velocity(edit_pipe, d: dict[str, torch.Tensor], size: int) -> torch.Tensor:
-    den = edit_pipe.denoiser
+def _velocity(edit_pipe, data: dict, i: int) -> torch.Tensor:
+    """The denoiser's velocity on held-out sample `i` (its x_t, t and text condition), through the family adapter."""
     dev, dtype = edit_pipe.device, edit_pipe.dtype
-    lh = 2 * (size // (edit_pipe.vae_scale_factor * 2))
-    img_ids = edit_pipe.pipe._prepare_latent_image_ids(1, lh // 2, lh // 2, dev, dtype)
-    txt_ids = torch.zeros(d["prompt_embeds"].shape[1], 3, device=dev, dtype=dtype)
-    guidance = torch.full((1,), 3.5, device=dev) if den.config.guidance_embeds else None
-    return den(hidden_states=d["xt"].to(dev, dtype), timestep=d["t"].to(dev, dtype), guidance=guidance,
-               pooled_projections=d["pooled"].to(dev, dtype), encoder_hidden_states=d["prompt_embeds"].to(dev, dtype),
-               txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0].float().cpu()
+    index = torch.tensor([i])
+    cond = sample_condition(data, index, dev, dtype)
+    family = edit_pipe.family
+    t = data["t"][index].to(dev, dtype) * family.schedule_value(1.0)
+    return family.denoise(data["xt"][index].to(dev, dtype), t, cond)[0].float().cpu()
 
 
 def objects_right(prompt: str, image) -> bool:

@@ -69,6 +69,8 @@ class Family:
     call_defaults: ClassVar[dict[str, Any]] = {}
     #: call arguments that change how prompts are encoded (the run keeps the call's values for `encode_condition`)
     text_options: ClassVar[tuple[str, ...]] = ()
+    #: keys of `encode_condition` that hold one row per prompt (the others, e.g. FLUX's position ids, are shared)
+    row_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
     #: defaults of methods whose published settings depend on the architecture, by control name
     method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 

@@ -28,6 +28,7 @@ class Flux(FlowMatchFamily):
     default_steps = 28
     default_guidance = 3.5
     tiny_call_kwargs: ClassVar[dict[str, Any]] = {"max_sequence_length": 48}
+    row_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states", "pooled_projections", "guidance")
     # ToDo's native latent side: FLUX's 1024 px / 8 (its config has no sample_size)
     method_defaults: ClassVar[dict[str, dict[str, Any]]] = {"todo": {"native_latent": 128}}
 

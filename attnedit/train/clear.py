@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..controller import Controller
+from ..families import family_of
 from ..methods.clear import CLEAR, ClearWeights, save_adapter, trainable_parameters
 
 DEFAULT_PROMPTS = (
@@ -105,14 +106,19 @@ def teacher_samples(
     width: int,
     guidance: float,
     seed: int,
-) -> dict[str, torch.Tensor]:
-    """Self-generated data: teacher latents x0 (packed) and cached text embeddings, one row per sample."""
+) -> dict[str, Any]:
+    """Self-generated data: teacher latents `x0` (packed, one row per sample), the text condition of each
+    sample (`rows`: the family's per-prompt condition tensors) and what every sample shares (`shared`:
+    position ids), as the family's adapter encodes them."""
     pipe = edit_pipe.pipe
+    family = edit_pipe.family
     call, negative = edit_pipe.guidance_call(edit_pipe.call_defaults(), guidance)
     if negative is not None:
         call["negative_prompt"] = negative
     msl = int(call.get("max_sequence_length", 512))
-    rows: dict[str, list[torch.Tensor]] = {"x0": [], "prompt_embeds": [], "pooled": []}
+    x0: list[torch.Tensor] = []
+    rows: dict[str, list[torch.Tensor]] = {}
+    shared: dict[str, torch.Tensor] = {}
     for i in range(num_samples):
         prompt = prompts[i % len(prompts)]
         g = torch.Generator(device="cpu").manual_seed(seed + i)
@@ -121,12 +127,26 @@ def teacher_samples(
             prompt=prompt, num_inference_steps=steps, height=height, width=width,
             latents=latents, output_type="latent", **call,
         )
-        emb, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=edit_pipe.device,
-                                            max_sequence_length=msl)
-        rows["x0"].append(out.images[0].detach().float().cpu())
-        rows["prompt_embeds"].append(emb[0].float().cpu())
-        rows["pooled"].append(pooled[0].float().cpu())
-    return {k: torch.stack(v) for k, v in rows.items()}
+        cond = family.encode_condition([prompt], 1, height=height, width=width, image_grid=None,
+                                       max_sequence_length=msl, guidance_scale=guidance)
+        x0.append(out.images[0].detach().float().cpu())
+        for key, value in cond.items():
+            if value is None:
+                continue
+            if key in family.row_keys:
+                rows.setdefault(key, []).append(value[0].float().cpu())
+            else:
+                shared.setdefault(key, value.float().cpu())
+    return {"x0": torch.stack(x0), "rows": {k: torch.stack(v) for k, v in rows.items()}, "shared": shared}
+
+
+def sample_condition(data: dict[str, Any], index: torch.Tensor, device: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """The denoiser condition of the samples `index` of `teacher_samples` data."""
+    cond = {k: v[index].to(device, dtype) for k, v in data["rows"].items()}
+    cond.update({k: v.to(device, dtype) for k, v in data["shared"].items()})
+    if "guidance" in cond:
+        cond["guidance"] = cond["guidance"].float()  # the pipeline passes guidance in float32
+    return cond
 
 
 def distill_clear(
@@ -247,6 +267,7 @@ def distill_clear(
         else:
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         student_p, opt = accelerator.prepare(student, opt)
+        student_family = family_of(edit_pipe.pipe, denoiser=student_p)  # the prepared module (DDP syncs its grads)
         loss_layers = attention_loss_layers(student, attn_layers)
         rec_s, rec_t = _Recorder(student, loss_layers), _Recorder(teacher, loss_layers)
         recorders += [rec_s, rec_t]
@@ -261,38 +282,28 @@ def distill_clear(
 
         dev = accelerator.device
         model_dtype = next(teacher.parameters()).dtype
-        n_img = data["x0"].shape[1]
-        lh, lw = 2 * (height // (edit_pipe.vae_scale_factor * 2)), 2 * (width // (edit_pipe.vae_scale_factor * 2))
-        img_ids = edit_pipe.pipe._prepare_latent_image_ids(1, lh // 2, lw // 2, dev, model_dtype)
-        txt_ids = torch.zeros(data["prompt_embeds"].shape[1], 3, device=dev, dtype=model_dtype)
-        if img_ids.shape[0] != n_img:
-            raise RuntimeError(f"image ids ({img_ids.shape[0]}) do not match the latents ({n_img} tokens)")
-        use_guidance = bool(getattr(student.config, "guidance_embeds", False))
+        taught = family_of(edit_pipe.pipe, denoiser=teacher)
         w_fm, w_kd, w_attn = loss_weights
         result = DistillResult(adapter=os.fspath(out))
         bar = tqdm(total=max_steps, initial=start, desc="distil CLEAR", disable=not progress or
                    not accelerator.is_local_main_process)
 
-        def forward(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, batch: dict[str, torch.Tensor]):
-            g = torch.full((x.shape[0],), guidance, device=dev, dtype=model_dtype) if use_guidance else None
-            return module(
-                hidden_states=x, timestep=t, guidance=g, pooled_projections=batch["pooled"],
-                encoder_hidden_states=batch["prompt_embeds"], txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
-            )[0]
+        def forward(family: Any, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+            return family.denoise(x, t * family.schedule_value(1.0), cond)[0]
 
         for step in range(start, max_steps):
             gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + (0 if fixed_batch else step + 1))
             idx = torch.randint(0, num_samples, (batch_size,), generator=gen)
-            batch = {k: v[idx].to(dev, model_dtype) for k, v in data.items()}
-            x0 = batch["x0"]
+            x0 = data["x0"][idx].to(dev, model_dtype)
+            cond = sample_condition(data, idx, dev, model_dtype)
             noise = torch.randn(x0.shape, generator=gen).to(dev, model_dtype)
             t = torch.rand(batch_size, generator=gen).to(dev, model_dtype)
             xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
             with accelerator.accumulate(student_p):
                 with torch.no_grad(), ctrl.pass_phase("guidance", step=0):
-                    target_t = forward(teacher, xt, t, batch)
+                    target_t = forward(taught, xt, t, cond)
                 with ctrl.pass_phase("guidance", step=0):
-                    pred = forward(student_p, xt, t, batch)
+                    pred = forward(student_family, xt, t, cond)
                 fm = F.mse_loss(pred.float(), (noise - x0).float())
                 kd = F.mse_loss(pred.float(), target_t.float())
                 att = torch.stack([
