@@ -6,7 +6,7 @@ default) while the source branch is pinned to the recorded inversion trajectory 
 (the MasaCtrl maintainers' advice for reproducing the paper, TencentARC/MasaCtrl issues #32, #35),
 so the source reconstructs the input and the target reads its keys/values.
 
-Choices (see specs/masactrl.md):
+Choices (the MasaCtrl paper's real-image setting and the maintainers' advice):
 - Inversion runs with guidance 1 by default: with the paper's empty prompt, CFG 7.5 gives the
   same result at twice the cost (uncond = cond).
 - UNet inversion and the edit both use a DDIM scheduler built from the pipeline's scheduler

@@ -73,7 +73,7 @@ def _sq(n: int) -> tuple[int, int]:
 
 
 def build_cases() -> list[Case]:
-    """Shapes from ../shared/specs/performance-anchors.md §4-5 (batch 2 = CFG for the UNets)."""
+    """Published-size attention shapes of SD1.5, SDXL and FLUX at their resolutions (batch 2 = CFG for the UNets)."""
     cases: list[Case] = []
     for res in (512, 1024, 2048):  # SD1.5: 8 heads, d = 40 / 80 / 160 at latent /1 /2 /4
         side = res // 8

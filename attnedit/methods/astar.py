@@ -4,7 +4,7 @@ The paper adds two test-time losses on the subject words' cross-attention maps: 
 that penalises the overlap of every pair of concept maps (sum min / sum of both, Eq. 2) and a
 retention loss that keeps each concept's map on a binarised copy of its previous-step map (Eq. 3);
 their sum moves the latent before each step. No official code exists, so everything beyond the
-two formulas is attnedit's choice, following the spec (`specs/a-star.md`): maps as in A&E (mean
+two formulas is attnedit's choice: maps as in A&E (mean
 over the latent/4 cross layers and heads, x100 softmax over the prompt's tokens, A&E Gaussian),
 each concept min-max scaled to [0, 1] before both losses, retention masks = (map > 0.5) of the
 previous guided step (always detached, none at the first guided step), step size A&E's
