@@ -122,20 +122,27 @@ CHATML_TEMPLATE = (
 )
 
 
-def qwen_tokenizer(max_length: int = 4096):
-    """A byte-level Qwen2 tokenizer in memory: every byte is a token, no merges, ChatML special tokens."""
+def byte_level_tokenizer(specials: list[str], cls: Any = None, max_length: int = 4096, **tokens: str) -> Any:
+    """A fast tokenizer in memory where every byte is a token (no merges) plus `specials`, of class `cls`
+    (default `PreTrainedTokenizerFast`); `tokens` name its bos/eos/pad/unk tokens among the specials."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2TokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {ch: i for i, ch in enumerate(byte_level_chars())}
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     for s in specials:
         vocab[s] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    fast = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                              model_max_length=max_length)
+    return (cls or PreTrainedTokenizerFast)(tokenizer_object=tok, model_max_length=max_length, **tokens)
+
+
+def qwen_tokenizer(max_length: int = 4096):
+    """A byte-level Qwen2 tokenizer in memory: every byte is a token, no merges, ChatML special tokens."""
+    from transformers import Qwen2TokenizerFast
+
+    fast = byte_level_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], Qwen2TokenizerFast, max_length,
+                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHATML_TEMPLATE
     return fast

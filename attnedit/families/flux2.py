@@ -219,27 +219,13 @@ def _tiny_mistral3() -> tuple[Any, Any]:
     """A tiny Mistral-3 (30 text layers: the pipeline stacks hidden states 10, 20, 30) and a byte-level
     tokenizer with Mistral's control tokens; real checkpoints use a Pixtral processor, whose tokenizer
     the adapter reads (a processor needs torchvision, which the CPU machines lack)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        Mistral3Config,
-        Mistral3ForConditionalGeneration,
-        MistralConfig,
-        PixtralVisionConfig,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
-    from ..tiny import byte_level_chars
+    from ..tiny import byte_level_tokenizer
 
-    vocab = {ch: i for i, ch in enumerate(byte_level_chars())}
     specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
-    for s in specials:
-        vocab[s] = len(vocab)
-    model = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    model.decoder = decoders.ByteLevel()
-    model.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    tok = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>", model_max_length=4096)
+    tok = byte_level_tokenizer(specials, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    vocab = tok.get_vocab()
     tok.chat_template = _MISTRAL_TEMPLATE
     config = Mistral3Config(
         text_config=MistralConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=24, num_hidden_layers=30,
