@@ -117,7 +117,8 @@ class AttentionStore(Control):
             _accumulate(self.state.steps, (ctx.step, ctx.grid), p)
 
     # ---------------------------------------------------------------------------------- reading
-    def _tokens(self, sample: int):
+    def token_index(self, sample: int = 0):
+        """The prompt's words and their token positions (`TokenIndex`) for image `sample` of the last run."""
         return self._run.tokens_of_sample(sample)
 
     def grids(self) -> list[tuple[int, int]]:
@@ -146,7 +147,7 @@ class AttentionStore(Control):
 
     def word_map(self, word: str | int, sample: int = 0, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(H, W) map of `word` (its tokens averaged); ValueError names the prompt's words."""
-        tokens = self._tokens(sample)
+        tokens = self.token_index(sample)
         pos = tokens.find(word)
         maps = self.token_maps(sample, grid)
         cols = [self.positions.index(p) for p in pos]
@@ -154,7 +155,7 @@ class AttentionStore(Control):
 
     def word_maps(self, sample: int = 0, grid: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """Every requested word (default all words but punctuation) -> (H, W) map."""
-        tokens = self._tokens(sample)
+        tokens = self.token_index(sample)
         words = self.words or [w for w in tokens.words if any(ch.isalnum() for ch in w)]
         maps = self.token_maps(sample, grid)
         out = {}
@@ -174,7 +175,7 @@ class AttentionStore(Control):
         key = max(keys, key=lambda k: k[1][0] * k[1][1])
         total, count = self.state.steps[key]
         maps = (total[sample] / count).reshape(key[1][0], key[1][1], -1)
-        tokens = self._tokens(sample)
+        tokens = self.token_index(sample)
         words = self.words or [w for w in tokens.words if any(ch.isalnum() for ch in w)]
         return {w: maps[..., [self.positions.index(p) for p in tokens.find(w)]].mean(-1) for w in words}
 
