@@ -353,3 +353,56 @@ def test_bundled_models_run_in_plain_diffusers(name):
     extra = {"max_sequence_length": 24} if name == "shapes-dit" else {}  # as assets/models/README.md says
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64, **extra).images[0]
     assert image.size == (64, 64)
+
+
+def test_varied_captions_name_the_scene_in_other_forms():
+    """Every varied caption asks for the scene's shapes (colours may be left out), in the encoder's words."""
+    from attnedit.testbed.clip import varied_caption, vocabulary
+    from attnedit.testbed.world import World
+
+    world, rng = World(seed=3), np.random.default_rng(0)
+    forms = set()
+    for i in range(200):
+        scene = world.scene(i)
+        caption = varied_caption(scene, rng, keep=0.0)
+        words = caption.replace(",", "").split()
+        assert set(words) <= set(vocabulary()), caption
+        for obj in scene.objects:
+            assert obj.shape in caption, (caption, scene.caption)
+        if {o.colour for o in scene.objects} - set(words):
+            forms.add("colour left out")
+        if words[0] == "there":
+            forms.add("there is")
+        if "that" in words:
+            forms.add("colour after the noun")
+    assert forms == {"colour left out", "there is", "colour after the noun"}
+
+
+def test_pretrained_text_encoder_is_frozen_into_the_unet_training(tmp_path):
+    """pretrain-text, then train --text-init: the saved pipeline carries that encoder unchanged (its layers,
+    its words), and its noun states know their colour where a layer-less encoder's cannot."""
+    import torch
+
+    import attnedit
+    from attnedit.testbed.clip import build_text, probe, vocabulary
+    from attnedit.testbed.clip import main as pretrain_main
+    from attnedit.testbed.train import build_tokenizer, main
+
+    ckpt = tmp_path / "text.pt"
+    assert pretrain_main(["--out", str(ckpt), "--steps", "3", "--data", "64", "--batch", "16", "--threads", "1",
+                          "--text-layers", "2"]) == 0
+    state = torch.load(ckpt, weights_only=False)
+    assert state["layers"] == 2 and state["probe"]["noun_colour_probe_accuracy"] > 0.5
+    tok = build_tokenizer(vocabulary())
+    flat = probe(build_text(len(tok), 0), tok)  # each token its own word: the noun cannot know its colour
+    assert flat["noun_colour_probe_accuracy"] < 0.4
+    out = tmp_path / "model"
+    assert main(["--out", str(out), "--work", str(tmp_path / "work"), "--data", "32", "--vae-steps", "2",
+                 "--steps", "2", "--every", "2", "--batch", "4", "--threads", "1", "--text-init", str(ckpt),
+                 "--caption-keep", "0.5"]) == 0
+    pipe = attnedit.load(out)
+    text = pipe.pipe.text_encoder
+    assert text.config.num_hidden_layers == 2
+    for name, value in text.state_dict().items():  # saved as float16
+        assert torch.allclose(value.float(), state["text"][name].float(), atol=2e-3), name
+    assert pipe.pipe.tokenizer.tokenize("there is a circle") == ["there</w>", "is</w>", "a</w>", "circle</w>"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import module_doc, train_dit_parser, train_parser
+from .options import module_doc, pretrain_text_parser, train_dit_parser, train_parser
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              description=module_doc("attnedit.testbed.train_dit"),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     dit.set_defaults(func=_train_dit)
+    text = actions.add_parser("pretrain-text", parents=[pretrain_text_parser(add_help=False)],
+                              help="pretrain a CLIP-style text encoder against world images",
+                              description=module_doc("attnedit.testbed.clip"),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    text.set_defaults(func=_pretrain_text)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -33,3 +38,12 @@ def _train_dit(args: argparse.Namespace) -> int:
     from .train_dit import run
 
     return run(args)
+
+
+def _pretrain_text(args: argparse.Namespace) -> int:
+    import json
+
+    from .clip import pretrain
+
+    print(json.dumps(pretrain(args), indent=2))
+    return 0

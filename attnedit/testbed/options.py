@@ -56,6 +56,11 @@ def train_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_denoiser_args(ap, lr=6e-4, threads=2)
     ap.add_argument("--text-layers", type=int, default=0,
                     help="text encoder transformer layers (default 0, as shipped: each token's state is its own word)")
+    ap.add_argument("--text-init", default=None, metavar="CHECKPOINT",
+                    help="a text encoder of `attnedit testbed pretrain-text`: used frozen (its layers, its words)")
+    ap.add_argument("--caption-keep", type=float, default=1.0,
+                    help="share of training captions in the world's standard form; the rest vary in form "
+                         "(colour left out, order, 'there is'); default 1 = standard captions only, as shipped")
     ap.add_argument("--min-snr", type=float, default=5.0,
                     help="Min-SNR-gamma loss weighting (default 5: the paper's value, as shipped; 0 = uniform)")
     return ap
@@ -72,4 +77,19 @@ def train_dit_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=int, default=8000, help="pre-rendered training images")
     add_denoiser_args(ap, lr=1e-3, threads=1)
+    return ap
+
+
+def pretrain_text_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="attnedit testbed pretrain-text", description=module_doc("attnedit.testbed.clip"),
+                                 add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="/tmp/testbed-text/text.pt", help="text encoder checkpoint to write")
+    ap.add_argument("--text-layers", type=int, default=2, help="causal transformer layers of the text encoder")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--data", type=int, default=8000, help="pre-rendered world images")
+    ap.add_argument("--keep", type=float, default=0.4, help="share of captions in the world's standard form")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
     return ap

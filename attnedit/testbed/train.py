@@ -130,6 +130,7 @@ class Dataset:
         world = World(seed=seed)
         images, scenes = world.batch(0, n)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (n, 3, 64, 64)
+        self.scenes = scenes
         self.captions = [s.caption for s in scenes]
 
     def __len__(self) -> int:
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     check_denoiser_args(args, ("vae_latent_noise", args.vae_latent_noise >= 0, "0 or more"),
                         ("text_layers", args.text_layers >= 0, "0 or more"),
+                        ("caption_keep", 0 <= args.caption_keep <= 1, "in [0, 1]"),
                         ("min_snr", args.min_snr >= 0, "0 or more; 0 = uniform weights"))
     torch.set_num_threads(args.threads)
     if args.install_vae_into:
@@ -413,9 +415,17 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    tok = build_tokenizer()
+    text_init = torch.load(args.text_init, weights_only=False) if args.text_init else None
+    if text_init is not None:  # a pretrained CLIP-style encoder (testbed/clip.py), frozen below
+        from .clip import vocabulary
+
+        tok = build_tokenizer(vocabulary())
+        vae, text, unet = build_models(len(tok), args.seed, int(text_init["layers"]))
+        text.load_state_dict(text_init["text"])
+    else:
+        tok = build_tokenizer()
+        vae, text, unet = build_models(len(tok), args.seed, args.text_layers)
     data = Dataset(args.seed, args.data)
-    vae, text, unet = build_models(len(tok), args.seed, args.text_layers)
     gen = torch.Generator().manual_seed(args.seed)
     ckpt = work / "checkpoint.pt"
     start = 0
@@ -461,12 +471,18 @@ def run(args: argparse.Namespace) -> int:
         scale = float(1.0 / latents.std())
         log({"stage": "vae-done", "loss": vae_loss, "scaling_factor": scale})
     sched = ddpm_scheduler()
-    params = [*unet.parameters(), *text.parameters()]
+    frozen_text = text_init is not None
+    if frozen_text:
+        text.eval().requires_grad_(False)
+        ema_text = text
+    params = [*unet.parameters(), *([] if frozen_text else text.parameters())]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     if args.resume and ckpt.is_file():
         opt.load_state_dict(state["opt"])
     unet.train()
-    text.train()
+    if not frozen_text:
+        text.train()
+    caption_rng = np.random.default_rng([args.seed, 11])
     alphas = sched.alphas_cumprod
     loss_ema = None
     bar = tqdm(range(start, args.steps), desc="unet", mininterval=5, initial=start, total=args.steps)
@@ -474,6 +490,11 @@ def run(args: argparse.Namespace) -> int:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, 200)
         idx, caps = data.sample(args.batch, args.cfg_drop, gen)
+        if args.caption_keep < 1:
+            from .clip import varied_caption
+
+            caps = [c and varied_caption(data.scenes[i], caption_rng, args.caption_keep)
+                    for i, c in zip(idx.tolist(), caps)]
         z = latents[idx] * scale
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
@@ -487,7 +508,9 @@ def run(args: argparse.Namespace) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema_update((ema_unet, ema_text), (unet, text), min(args.ema, (1 + step) / (10 + step)))
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update((ema_unet,) if frozen_text else (ema_unet, ema_text), (unet,) if frozen_text else (unet, text),
+                   decay)
         loss_ema = loss.item() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss.item()
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if (step + 1) % args.every == 0 or step + 1 == args.steps:
@@ -501,7 +524,9 @@ def run(args: argparse.Namespace) -> int:
             os.replace(work / "checkpoint.tmp", ckpt)
     meta = {"steps": 25, "guidance": 5.0, "height": 64, "width": 64,
             "trained": {"seed": args.seed, "unet_steps": args.steps, "vae_steps": args.vae_steps,
-                        "min_snr": args.min_snr,
+                        "min_snr": args.min_snr, "text_layers": int(text.config.num_hidden_layers),
+                        "text": "pretrained, frozen" if frozen_text else "trained with the UNet",
+                        "caption_keep": args.caption_keep,
                         "batch": args.batch, "lr": args.lr, "final_loss": loss_ema, "vae_loss": vae_loss,
                         "scaling_factor": scale, "wall_s": round(time.time() - t0, 1)}}
     save_pipeline(Path(args.out), vae, ema_text, ema_unet, tok, scale, meta)
