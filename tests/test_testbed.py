@@ -390,7 +390,7 @@ def test_pretrained_text_encoder_is_frozen_into_the_unet_training(tmp_path):
 
     ckpt = tmp_path / "text.pt"
     assert pretrain_main(["--out", str(ckpt), "--steps", "3", "--data", "64", "--batch", "16", "--threads", "1",
-                          "--text-layers", "2"]) == 0
+                          "--text-layers", "2", "--pad-weight", "1.0"]) == 0
     state = torch.load(ckpt, weights_only=False)
     assert state["layers"] == 2 and state["probe"]["noun_colour_probe_accuracy"] > 0.5
     tok = build_tokenizer(vocabulary())
@@ -406,3 +406,19 @@ def test_pretrained_text_encoder_is_frozen_into_the_unet_training(tmp_path):
     for name, value in text.state_dict().items():  # saved as float16
         assert torch.allclose(value.float(), state["text"][name].float(), atol=2e-3), name
     assert pipe.pipe.tokenizer.tokenize("there is a circle") == ["there</w>", "is</w>", "a</w>", "circle</w>"]
+
+
+def test_padding_loss_is_zero_for_caption_free_padding_and_positive_otherwise():
+    """The padding term: zero where the states after the end token equal the empty caption's."""
+    import torch
+
+    from attnedit.testbed.clip import build_text, padding_loss, vocabulary
+    from attnedit.testbed.train import build_tokenizer, tokenize
+
+    tok = build_tokenizer(vocabulary())
+    ids = tokenize(tok, ["a red circle", "a blue square and a green star"])
+    flat = build_text(len(tok), 0)  # no layers: every padding state is the same as the empty caption's
+    with torch.no_grad():
+        assert float(padding_loss(flat, tok, ids, flat(ids).last_hidden_state)) < 1e-10
+        causal = build_text(len(tok), 2)  # padding sees the caption
+        assert float(padding_loss(causal, tok, ids, causal(ids).last_hidden_state)) > 1e-4

@@ -144,8 +144,11 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         idx = torch.randint(len(data), (args.batch,), generator=gen)
         x, _ = data.batch(idx)
         caps = [varied_caption(scenes[i], scenes_rng, args.keep) for i in idx.tolist()]
-        pooled = text(tokenize(tok, caps)).pooler_output
-        loss = contrastive_loss(proj(pooled), image_enc(x), caps, scale)
+        ids = tokenize(tok, caps)
+        out = text(ids)
+        loss = contrastive_loss(proj(out.pooler_output), image_enc(x), caps, scale)
+        if args.pad_weight > 0:
+            loss = loss + args.pad_weight * padding_loss(text, tok, ids, out.last_hidden_state)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -154,12 +157,36 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
             scale.clamp_(0, float(np.log(100.0)))
         losses.append(float(loss.detach()))
     text.eval()
-    result = {"steps": args.steps, "layers": args.text_layers, "final_loss": float(np.mean(losses[-50:])),
+    with torch.no_grad():
+        ids = tokenize(tok, ["a red circle and a blue square", "a green star and a yellow ring"])
+        last = text(ids).last_hidden_state[:, -1]
+    padding_spread = float((last[0] - last[1]).norm() / last[0].norm())
+    result = {"steps": args.steps, "layers": args.text_layers, "pad_weight": args.pad_weight,
+              "padding_difference": padding_spread, "final_loss": float(np.mean(losses[-50:])),
               "first_loss": float(np.mean(losses[:50])), "wall_s": round(time.time() - t0, 1),
               "probe": probe(text, tok), "extra_words": list(EXTRA_WORDS)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"text": text.state_dict(), "config": text.config.to_dict(), **result}, args.out)
     return result
+
+
+def padding_loss(text, tok, ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of the states after each caption's end token to the empty caption's states there.
+
+    Why: in a causal encoder the padding positions see the whole caption, and a UNet trained on it reads the
+    caption from them instead of from the words (measured: benchmarks/results/text_attention-trial-clip-*.md).
+    Pulled to the empty caption's (detached) states, the padding stays a constant, caption-free sink, as
+    the shipped layer-less encoder's is.
+    """
+    from .train import tokenize
+
+    with torch.no_grad():
+        empty = text(tokenize(tok, [""])).last_hidden_state  # (1, L, D)
+    end = (ids == tok.eos_token_id).int().argmax(1)  # first end token of each caption
+    after = torch.arange(ids.shape[1])[None] > end[:, None]
+    if not after.any():
+        return states.sum() * 0.0
+    return (states - empty).pow(2).mean(-1)[after].mean()
 
 
 @torch.no_grad()

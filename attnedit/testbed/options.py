@@ -90,6 +90,8 @@ def pretrain_text_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--data", type=int, default=8000, help="pre-rendered world images")
     ap.add_argument("--keep", type=float, default=0.4, help="share of captions in the world's standard form")
+    ap.add_argument("--pad-weight", type=float, default=0.0,
+                    help="weight of a loss keeping the states after the end token caption-free (0 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     return ap
