@@ -129,7 +129,7 @@ class Controller:
         self._cache_wrapped: tuple[bool, Any] = (False, None)
         self._class_swapped: type | None = None
         self._pass_name: str | None = None
-        self._checked: tuple[int, ...] | None = None  # the controls whose set checks passed for any step count
+        self._checked: tuple | None = None  # the controls whose set checks passed for any step count
         self._check_controls(final=False)
 
     # ----------------------------------------------------------------------------- install/remove
@@ -297,7 +297,8 @@ class Controller:
     def _check_controls(self, num_steps: int | None = None, final: bool = True) -> None:
         """The checks of the controls as a set (families, step callback, conflicts), once per set of controls:
         when the controller is made, and at a run only if the controls changed or a step count decides."""
-        key = tuple(map(id, self.controls))
+        # a control's identity and what decides its conflicts: changed steps or layers are checked again
+        key = tuple((id(c), repr(c.steps), repr(c.layers), tuple(c.phases)) for c in self.controls)
         if self._checked == key:
             return
         self._refuse_unsupported()
@@ -569,6 +570,9 @@ class Controller:
 
     def _set_layout(self, batch: int) -> None:
         layout = self.layout_override or self.run.layout
+        if layout is not None and self.layout_override is None and self._pass_name == "uncond" \
+                and not layout.indices(cfg="uncond"):
+            layout = layout.as_half("uncond")  # a given cond layout, in the separate uncond pass
         if layout is None:
             cfg = self.run.cfg
             if cfg is None:

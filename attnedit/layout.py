@@ -6,7 +6,7 @@ code); they ask the layout. Diffusers batches classifier-free guidance as `[unco
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ class BatchLayout:
         return BatchLayout(
             tuple(Row(h, s, groups[s], roles[s]) for h in halves for s in range(n_samples))
         )
+
+    def as_half(self, cfg: str) -> BatchLayout:
+        """The same rows labelled as one CFG half: a pipeline that runs CFG as a separate pass (FLUX true
+        CFG, Qwen-Image, FLUX.2 [klein]) sends the uncond rows of a given layout in a forward of their own."""
+        return BatchLayout(tuple(replace(r, cfg=cfg) for r in self.rows))
 
     @property
     def size(self) -> int:

@@ -21,7 +21,8 @@ class TextSegment:
 
     `render`: for encoders that read the prompt inside a chat template (FLUX.2, Qwen-Image), the
     text the tokenizer sees and where the prompt starts in it; `drop`: template tokens the pipeline
-    cuts from the front of the encoded sequence (Qwen-Image drops its system prefix).
+    cuts from the front of the encoded sequence (Qwen-Image drops its system prefix); `pad_left`: the
+    rendered text is left-padded to `length`, so its tokens sit at the end of the sequence.
     """
 
     tokenizer: object
@@ -30,6 +31,7 @@ class TextSegment:
     has_bos: bool
     render: Callable[[str], tuple[str, int]] | None = None
     drop: int = 0
+    pad_left: bool = False  # the pipeline pads the rendered text on the left to `length` (no text mask)
 
 
 @dataclass
@@ -118,10 +120,11 @@ def _index_rendered(prompt: str, seg: TextSegment, spans: list[tuple[str, int, i
         raise ValueError("the text template does not contain the prompt where it says it does")
     enc = seg.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     end = start + len(prompt)
+    shift = max(0, seg.length - (len(enc["input_ids"]) - seg.drop)) if seg.pad_left else 0
     kept = cut = 0
     after = None
     for t, (a, b) in enumerate(enc["offset_mapping"]):
-        pos = seg.offset + t - seg.drop
+        pos = seg.offset + t - seg.drop + shift
         if a >= end:
             after = pos if after is None else after
             continue

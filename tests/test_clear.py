@@ -301,3 +301,18 @@ def test_clear_with_todo_on_the_same_layers_is_refused_before_denoising():
     # disjoint layers are fine
     ep.generate("a red circle", steps=1, controls=[
         attnedit.ToDo(layers=attnedit.Select(block="double")), CLEAR(radius=2, layers=attnedit.Select(block="single"))])
+
+
+def test_changed_step_windows_are_checked_again():
+    """Disjoint steps may combine ToDo and CLEAR on one layer; a window changed between runs is checked again."""
+    from attnedit.selectors import Steps
+
+    pipe = build_tiny("flux")
+    todo, clear = attnedit.ToDo(steps=Steps(0, 1)), CLEAR(radius=2, steps=Steps(1, 2))
+    call = dict(prompt="a red circle", num_inference_steps=2, height=64, width=64, output_type="latent",
+                **tiny_call_kwargs("flux"))
+    with attnedit.controlled(pipe, todo, clear):
+        pipe(**call)
+        todo.steps = Steps(0, 2)
+        with pytest.raises(ValueError, match="both change the keys"):
+            pipe(**call)

@@ -130,3 +130,58 @@ def test_flux2_dev_refuses_caption_upsampling(pipes):
         with pytest.raises(ValueError, match="caption_upsample_temperature"):
             pipes["flux2-dev"](prompt=PROMPT, caption_upsample_temperature=0.7, num_inference_steps=1, height=64,
                                width=64, **tiny_call_kwargs("flux2"))
+
+
+@pytest.mark.parametrize("name", ["flux2", "flux2-dev"])
+def test_flux2_left_padding_moves_the_words_with_it(pipes, name):
+    """A tokenizer that pads on the left (padding to max_length, no text mask) puts the prompt at the end."""
+    pipe = pipes[name]
+    pipe.tokenizer.padding_side = "left"
+    try:
+        ids = _pipeline_ids(pipe, name, PROMPT)
+        length = tiny_call_kwargs("flux2")["max_sequence_length"]
+        padded = [pipe.tokenizer.pad_token_id] * (length - len(ids)) + ids
+        index = index_prompt(PROMPT, family_of(pipe).text_segments(length))
+        for word in ("red", "cube", "ball"):
+            assert pipe.tokenizer.decode([padded[p] for p in index.find(word)]).strip() == word
+        assert min(index.find("red")) > length // 2
+    finally:
+        pipe.tokenizer.padding_side = "right"
+
+
+@pytest.mark.parametrize("name", ["flux2", "qwenimage"])
+def test_separate_uncond_pass_stays_uncond_with_a_given_layout(name):
+    """A layout handed to the run (consistent, MasaCtrl, batch groups) keeps the CFG pass labelled uncond."""
+    from attnedit.layout import BatchLayout
+
+    ep = attnedit.load(f"tiny-{name}")
+    plain, given = attnedit.AttentionStore(words=["cube"]), attnedit.AttentionStore(words=["cube"])
+    ep.generate(PROMPT, controls=[plain], guidance=4.0, steps=2, seed=0)
+    ep.generate(PROMPT, controls=[given], layout=BatchLayout.standard(1, False), guidance=4.0, steps=2, seed=0)
+    assert torch.equal(plain.word_map("cube"), given.word_map("cube"))
+
+
+def test_dev_refuses_img_markers(pipes):
+    with attnedit.controlled(pipes["flux2-dev"], attnedit.AttentionStore(words=["cube"])):
+        with pytest.raises(ValueError, match=r"\[IMG\]"):
+            pipes["flux2-dev"](prompt="a red cube [IMG]", num_inference_steps=1, height=64, width=64,
+                               **tiny_call_kwargs("flux2"))
+
+
+@pytest.mark.parametrize("control", ["agent", "clear:radius=2", "clear:radius=2,backend=dense",
+                                     "clear:radius=2,down_factor=2"])
+def test_qwenimage_masked_batches_with_agent_and_clear(pipes, control):
+    """Prompts of different lengths (a padded-text key mask): the control acts, and a padded prompt in a batch
+    gives what it gives alone."""
+    pipe = pipes["qwenimage"]
+    prompts = ["a red circle", "a big blue square on the left of a small green ring"]
+
+    def latents(batch, seeds, controls):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        with attnedit.controlled(pipe, *controls):
+            return pipe(prompt=batch, num_inference_steps=2, height=64, width=64, generator=gens,
+                        output_type="latent", **tiny_call_kwargs("qwenimage")).images
+
+    both = latents(prompts, [0, 1], [control])
+    assert (both - latents(prompts, [0, 1], [])).abs().max().item() > 1e-4
+    assert (both[0] - latents(prompts[:1], [0], [control])[0]).abs().max().item() <= 1e-5

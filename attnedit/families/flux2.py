@@ -76,6 +76,11 @@ class Flux2(Flux):
                 "attnedit's word positions (and the prompt its controls were given) would not be the ones the model "
                 "reads; upsample the caption first (pipe.upsample_prompt(...)) and pass the result as the prompt"
             )
+        prompts = params.get("prompt")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+        if self.system_message is not None and any("[IMG]" in p for p in prompts):
+            raise ValueError("Flux2Pipeline removes '[IMG]' from prompts before encoding them, so attnedit's word "
+                             "positions would not match: leave '[IMG]' out of the prompt")
         if params.get("image") is not None:
             raise ValueError(
                 f"attnedit's controls place the generated image's tokens; the reference images of a "
@@ -142,7 +147,8 @@ class Flux2(Flux):
         from ..tokens import TextSegment
 
         tok = getattr(self.pipe.tokenizer, "tokenizer", self.pipe.tokenizer)  # [dev] checkpoints: a processor
-        return [TextSegment(tok, 0, max_sequence_length or 512, False, render=self.render_prompt)]
+        return [TextSegment(tok, 0, max_sequence_length or 512, False, render=self.render_prompt,
+                            pad_left=getattr(tok, "padding_side", "right") == "left")]
 
     def encode_condition(self, prompts, n_per, *, height, width, image_grid, max_sequence_length,
                          guidance_scale=None, options=None):

@@ -147,8 +147,9 @@ class AgentAttention(Control):
     def attend(
         self, ctx: CallContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor | None:
-        if mask is not None or k.shape[1] != q.shape[1]:
-            return None  # masked or cross-shaped calls keep plain attention
+        if k.shape[1] != q.shape[1]:
+            return None  # cross-attention keeps plain attention (agents merge self/joint tokens)
+        keep = _key_mask(mask, q.shape[1], ctx)
         img, grid = ctx.image, ctx.grid
         n = ctx.n_image
         if self.num_agents is not None:
@@ -175,15 +176,18 @@ class AgentAttention(Control):
             return torch.cat([x[:, other], feat.merge(x[:, img])], dim=1)
 
         qf, kf, vf = merged(q), merged(k), merged(v)
+        # padded text keys (Qwen-Image batches) stay masked; merged image tokens are all valid
+        key_mask = None if keep is None else torch.cat(
+            [keep[..., other], keep.new_ones(*keep.shape[:-1], kf.shape[1] - n_other)], dim=-1)
         agents = agents_m.merge(q[:, img])
         n_agents, n_feat = agents.shape[1], qf.shape[1]
         d = q.shape[-1]
         if 2 * n_agents >= n_feat:
             path = "tome"
-            out_f = kernels.attention(qf, kf, vf, scale=d**-0.5)
+            out_f = kernels.attention(qf, kf, vf, scale=d**-0.5, mask=key_mask)
         else:
             path = "agent"
-            agent_v = kernels.attention(agents, kf, vf, scale=d**-0.5)
+            agent_v = kernels.attention(agents, kf, vf, scale=d**-0.5, mask=key_mask)
             out_f = kernels.attention(qf, agents, agent_v, scale=d ** (-0.5 * self.k_scale2))
             out_f = out_f + self.k_shortcut * vf
         out = torch.empty_like(q)
@@ -197,3 +201,22 @@ class AgentAttention(Control):
     def records(self) -> dict:
         paths = getattr(self.state, "paths", None)
         return {"steps": paths} if paths else {}
+
+
+def _key_mask(mask: torch.Tensor | None, n_keys: int, ctx: CallContext) -> torch.Tensor | None:
+    """The model's mask as a boolean keep-mask over keys (B or 1, 1, 1, n_keys), or a clear refusal.
+
+    Agents are merged image tokens, so only a mask over keys (padded text, every image key kept) survives
+    merging; a mask that depends on the query or masks image keys has no merged equivalent.
+    """
+    if mask is None:
+        return None
+    keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    img = ctx.image
+    if keep.dim() != 4 or keep.shape[1] != 1 or keep.shape[2] != 1 or keep.shape[-1] != n_keys \
+            or not bool(keep[..., img].all()):
+        raise ValueError(
+            f"AgentAttention keeps a model's attention mask only over text keys, but layer {ctx.layer.name} got a "
+            f"mask of shape {tuple(mask.shape)}; leave this layer out (layers=...)"
+        )
+    return keep

@@ -401,8 +401,7 @@ class CLEAR(Control):
     ) -> torch.Tensor | None:
         if self.down_factor is None and self.backend in ("auto", "kernels") and not self.proportional:
             return None  # the `window` description goes to the dispatch (Triton kernel on CUDA)
-        if mask is not None:
-            raise ValueError(f"CLEAR cannot combine its window with the model's attention mask on {ctx.layer.name}")
+        keep = _key_mask(mask, k.shape[1], ctx)
         text_len, text_first = self._geometry(ctx, k.shape[1])
         n_pool = 0
         if self.down_factor is not None:
@@ -413,6 +412,9 @@ class CLEAR(Control):
             n_pool = k.shape[1] - q.shape[1]
         scale = self._scale(q.shape[-1], k.shape[1])
         use_flex = self.backend == "flex" or (self.backend == "auto" and q.is_cuda and flex_available())
+        if use_flex and keep is not None:
+            _warn_flex_mask(ctx.layer.name)
+            use_flex = False
         if use_flex:
             tile = self.tile
             if tile is None:
@@ -428,7 +430,32 @@ class CLEAR(Control):
             restored[:, perm[: q.shape[1]]] = out
             return restored
         dense = clear_mask(ctx.grid, self.radius, text_len, text_first=text_first, n_pool=n_pool, device=q.device)
-        return kernels.attention(q, k, v, scale=scale, mask=dense[None, None])
+        dense = dense[None, None]
+        if keep is not None:  # padded text keys stay masked; the pooled keys (down_factor) are all valid
+            dense = dense & torch.cat([keep, keep.new_ones(*keep.shape[:-1], n_pool)], dim=-1)
+        return kernels.attention(q, k, v, scale=scale, mask=dense)
+
+
+def _key_mask(mask: torch.Tensor | None, n_keys: int, ctx: CallContext) -> torch.Tensor | None:
+    """The model's mask as a boolean keep-mask over keys (Qwen-Image's padded text), or a clear refusal."""
+    if mask is None:
+        return None
+    keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if keep.dim() != 4 or keep.shape[1] != 1 or keep.shape[2] != 1 or keep.shape[-1] != n_keys:
+        raise ValueError(f"CLEAR combines its window with a mask over keys only; layer {ctx.layer.name} got a mask "
+                         f"of shape {tuple(mask.shape)}")
+    return keep
+
+
+_FLEX_WARNED: set[str] = set()
+
+
+def _warn_flex_mask(layer: str) -> None:
+    """FlexAttention's block mask has no per-batch key mask here: such calls take the dense path (same result)."""
+    if not _FLEX_WARNED:
+        warnings.warn(f"CLEAR: a call with the model's text mask (e.g. {layer}: prompts of different lengths) runs "
+                      "the window densely instead of with FlexAttention (same result, more memory)", stacklevel=3)
+    _FLEX_WARNED.add(layer)
 
 
 # ------------------------------------------------------------------------------------ adapters

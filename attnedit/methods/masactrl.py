@@ -260,10 +260,12 @@ class MasaCtrl(Control):
     def capture(self, ctx: CallContext) -> torch.Tensor | None:
         if self._capture is None or ctx.layer.name not in self._map_layers or ctx.text is None:
             return None
+        if not ctx.layout.cond_rows():  # a separate uncond pass reads another prompt: its columns are not ours
+            return None
         return self._capture + ctx.text.start
 
     def observe(self, ctx: CallContext, probs: torch.Tensor) -> None:
-        rows = ctx.layout.cond_rows() or list(range(ctx.layout.size))
+        rows = ctx.layout.cond_rows()
         p = probs[:, ctx.image].detach().float()  # (B, N, C)
         n_samples = ctx.layout.n_samples
         fg = torch.zeros(n_samples, p.shape[1], device=p.device)
