@@ -66,16 +66,23 @@ def test_registered_by_pipeline_class(pipes, name):
     assert {i.kind for i in registry} == {"joint"}  # text and image tokens attend in one sequence
 
 
+QWEN_PROMPTS = ["a red circle", "a big blue square on the left of a small green ring"]
+
+
+def _qwen_latents(pipe, batch, seeds, controls):
+    """Latents of a tiny Qwen-Image call, one seeded generator per prompt."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    with attnedit.controlled(pipe, *controls):
+        return pipe(prompt=batch, num_inference_steps=2, height=64, width=64, generator=gens,
+                    output_type="latent", **tiny_call_kwargs("qwenimage")).images
+
+
 def test_qwenimage_padded_prompt_in_a_batch_equals_it_alone(pipes):
     """Qwen-Image pads the shorter prompt's text and masks it; ToDo shortens the keys under that mask."""
-    pipe = pipes["qwenimage"]
-    prompts = ["a red circle", "a big blue square on the left of a small green ring"]
+    prompts = QWEN_PROMPTS
 
     def latents(batch, seeds, controls):
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        with attnedit.controlled(pipe, *controls):
-            return pipe(prompt=batch, num_inference_steps=2, height=64, width=64, generator=gens,
-                        output_type="latent", **tiny_call_kwargs("qwenimage")).images
+        return _qwen_latents(pipes["qwenimage"], batch, seeds, controls)
 
     for controls in ([], [attnedit.ToDo(factor=2)]):
         both = latents(prompts, [0, 1], controls)
@@ -173,14 +180,10 @@ def test_dev_refuses_img_markers(pipes):
 def test_qwenimage_masked_batches_with_agent_and_clear(pipes, control):
     """Prompts of different lengths (a padded-text key mask): the control acts, and a padded prompt in a batch
     gives what it gives alone."""
-    pipe = pipes["qwenimage"]
-    prompts = ["a red circle", "a big blue square on the left of a small green ring"]
+    prompts = QWEN_PROMPTS
 
     def latents(batch, seeds, controls):
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        with attnedit.controlled(pipe, *controls):
-            return pipe(prompt=batch, num_inference_steps=2, height=64, width=64, generator=gens,
-                        output_type="latent", **tiny_call_kwargs("qwenimage")).images
+        return _qwen_latents(pipes["qwenimage"], batch, seeds, controls)
 
     both = latents(prompts, [0, 1], [control])
     assert (both - latents(prompts, [0, 1], [])).abs().max().item() > 1e-4
