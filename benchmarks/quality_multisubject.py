@@ -36,7 +36,7 @@ import attnedit
 
 SHAPES = ("circle", "square", "triangle", "star", "ring")
 COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
-METHODS = ("plain", "A&E", "A-STAR", "Bounded")
+METHODS = ("plain", "A&E", "A-STAR", "Bounded", "diffusers A&E")
 
 
 def prompts(n_pairs: int = 12, n_triples: int = 6, seed: int = 0) -> list[list[tuple[str, str]]]:
@@ -86,10 +86,39 @@ def make_control(method: str, objects: Sequence[tuple[str, str]], options: dict 
         return attnedit.AttendExcite(words=shapes, **kw)
     if method == "A-STAR":
         return attnedit.AStar(words=shapes, **kw)
+    if method == "diffusers A&E":  # not an attnedit control: `evaluate` runs diffusers' own pipeline
+        return None
     if method == "Bounded":
         return attnedit.BoundedAttention(boxes=layout_boxes(len(objects)), words=[f"{c} {s}" for s, c in objects],
                                          **kw)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def diffusers_ae(pipe: attnedit.EditPipeline, text: str, objects: Sequence[tuple[str, str]], seeds: list[int],
+                 steps: int, guidance: float, options: dict | None = None) -> list:
+    """Images of diffusers' `StableDiffusionAttendAndExcitePipeline` (its defaults: 16x16 maps, the official
+    thresholds and step sizes) on the model's components, from the same seeded initial latents as attnedit's
+    generations, so its difference to plain is paired like the others'. The reference that shows the testbed
+    is fair to A&E: it is the A&E users run outside attnedit."""
+    import inspect
+
+    import torch
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    base = pipe.pipe
+    wanted = inspect.signature(StableDiffusionAttendAndExcitePipeline.__init__).parameters
+    ae = StableDiffusionAttendAndExcitePipeline(**{k: v for k, v in base.components.items() if k in wanted})
+    ae.set_progress_bar_config(disable=True)
+    tokens = base.tokenizer.convert_ids_to_tokens(base.tokenizer(text).input_ids)
+    indices = [tokens.index(f"{s}</w>") for s, _ in objects]
+    height, width = pipe.default_size()
+    latents = pipe.initial_latents(len(seeds), height, width, [torch.Generator().manual_seed(s) for s in seeds])
+    saved = base.unet.attn_processors  # diffusers' A&E sets its processors on the shared UNet and keeps them
+    try:
+        return ae(text, token_indices=indices, latents=latents, num_images_per_prompt=len(seeds), height=height,
+                  width=width, num_inference_steps=steps, guidance_scale=guidance, **(options or {})).images
+    finally:
+        base.unet.set_attn_processor(saved)
 
 
 def score(objects: Sequence[tuple[str, str]], found: list) -> dict[str, float | None]:
@@ -148,6 +177,9 @@ def evaluate(
             for start in range(0, len(seeds), batch):
                 chunk = list(seeds)[start:start + batch]
                 # one call per chunk: per-image seeds; guidance is per sample (exact, batched)
+                if m == "diffusers A&E":
+                    images.extend(diffusers_ae(pipe, text, objects, chunk, steps, guidance, options.get(m)))
+                    continue
                 control = make_control(m, objects, options.get(m), subjects)
                 out = pipe(text, controls=[control] if control else [], seed=chunk, num_images=len(chunk),
                            steps=steps, guidance=guidance)
@@ -227,6 +259,8 @@ def main() -> None:
     if not isinstance(options, dict) or any(k not in METHODS or not isinstance(v, dict) for k, v in options.items()):
         ap.error(f"--options maps method names ({', '.join(METHODS)}) to objects of keyword arguments")
     for m, kw in options.items():  # a misspelt argument fails here, before any image is generated
+        if m == "diffusers A&E":
+            continue  # keyword arguments of diffusers' pipeline call, checked by diffusers
         try:
             make_control(m, [("circle", "red"), ("square", "blue")], kw)
         except (TypeError, ValueError) as err:

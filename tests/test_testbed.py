@@ -422,3 +422,96 @@ def test_padding_loss_is_zero_for_caption_free_padding_and_positive_otherwise():
         assert float(padding_loss(flat, tok, ids, flat(ids).last_hidden_state)) < 1e-10
         causal = build_text(len(tok), 2)  # padding sees the caption
         assert float(padding_loss(causal, tok, ids, causal(ids).last_hidden_state)) > 1e-4
+
+
+def _grounding_scene():
+    from attnedit.testbed.world import Scene, SceneObject
+
+    objects = [SceneObject("circle", "red", (0.05, 0.05, 0.35, 0.35)),
+               SceneObject("circle", "blue", (0.6, 0.05, 0.9, 0.35)),
+               SceneObject("square", "green", (0.3, 0.55, 0.7, 0.95))]
+    return Scene(objects, "a red circle, a blue circle and a green square", "triple", (0.5, 0.5, 0.5))
+
+
+def test_grounding_targets_name_each_nouns_objects():
+    """A noun names the objects of its shape, narrowed by its colour (before it, or 'that is COLOUR');
+    word j sits at token j + 1; the background is what no object covers; an empty caption grounds nothing."""
+    import torch
+
+    from attnedit.testbed.grounding import noun_objects, object_masks, targets
+
+    scene = _grounding_scene()
+    assert noun_objects("a red circle and a square".split(), scene) == [(2, [0]), (5, [2])]
+    assert noun_objects("two circles".split(), scene) == [(1, [0, 1])]
+    assert noun_objects("a circle that is blue".split(), scene) == [(1, [1])]
+    assert noun_objects("a star".split(), scene) == []
+    masks = object_masks(scene)
+    assert masks.shape == (3, 16, 16)
+    assert masks[0, 2, 2] == 1.0 and masks[0, 12, 12] == 0.0 and masks[2, 12, 8] == 1.0
+    tok, bg = targets(["a blue circle and a square", ""], [scene, scene], [masks, masks], length=24)
+    assert tok.shape == (2, 24, 16, 16) and bg.shape == (2, 16, 16)
+    assert torch.equal(tok[0, 3], torch.from_numpy(masks[1])) and torch.equal(tok[0, 6], torch.from_numpy(masks[2]))
+    grounded = tok.flatten(2).sum(-1) > 0
+    assert grounded[0].nonzero().flatten().tolist() == [3, 6] and not grounded[1].any()
+    assert torch.allclose(bg[0], 1 - torch.from_numpy(masks.sum(0)).clamp(max=1))
+
+
+def test_grounding_losses_on_hand_built_maps():
+    """Token loss (1 - share inside)^2 and sink loss (1 - p_start)^2 on the background, checked by hand."""
+    import torch
+
+    from attnedit.testbed.grounding import losses
+
+    tok = torch.zeros(1, 4, 4, 4)
+    tok[0, 2, :2, :2] = 1.0  # token 2 names the top-left quarter
+    bg = torch.ones(1, 4, 4)
+    bg[0, :2, :2] = 0.0
+    inside = torch.zeros(1, 16, 4)  # every position: start 0.5, token 2 0.5 inside its quarter only
+    inside[..., 0] = 0.5
+    quarter = tok[0, 2].flatten() > 0
+    inside[0, quarter, 2] = 0.5
+    inside[0, ~quarter, 1] = 0.5
+    ground, sink = losses([inside], tok, bg)
+    assert ground.item() == 0.0
+    assert sink.item() == pytest.approx(0.25)  # (1 - 0.5)^2 on every background position
+    flat = torch.full((1, 16, 4), 0.25)
+    ground, sink = losses([flat], tok, bg)
+    assert ground.item() == pytest.approx((1 - 0.25) ** 2)  # a flat map puts a quarter of its mass inside
+    assert sink.item() == pytest.approx((1 - 0.25) ** 2)
+    # a coarser layer reads the same targets averaged onto its grid
+    ground, _ = losses([torch.full((1, 4, 4), 0.25)], tok, bg)
+    assert ground.item() == pytest.approx((1 - 0.25) ** 2)
+
+
+def test_grounding_probe_is_the_stock_attention_and_keeps_maps():
+    """The training probe changes no output of the UNet and records one map per cross-attention layer."""
+    import torch
+
+    from attnedit.testbed.grounding import install
+    from attnedit.testbed.train import build_models
+
+    _, _, unet = build_models(40, seed=0)
+    x, t, ehs = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 24, 64)
+    with torch.no_grad():
+        before = unet(x, t, encoder_hidden_states=ehs).sample
+        probe = install(unet)
+        after = unet(x, t, encoder_hidden_states=ehs).sample
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert len(probe.maps) == 7  # down blocks 1 + 1, mid 1, up blocks 2 + 2 (layers_per_block + 1)
+    assert {m.shape[1] for m in probe.maps} == {256, 64, 16}
+    assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in probe.maps)
+
+
+def test_training_with_grounding_logs_both_terms(tmp_path):
+    import json
+
+    from attnedit.testbed.train import main
+
+    assert main(["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--data", "16",
+                 "--vae-steps", "1", "--steps", "2", "--every", "2", "--batch", "4", "--threads", "1",
+                 "--ground-weight", "0.1", "--sink-weight", "0.05"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r.get("stage") == "unet")
+    assert 0 < row["ground"] <= 1 and 0 < row["sink"] <= 1
+    saved = json.loads((tmp_path / "model" / "attnedit.json").read_text())["trained"]
+    assert saved["ground_weight"] == 0.1 and saved["sink_weight"] == 0.05

@@ -63,6 +63,14 @@ def train_parser(add_help: bool = True) -> argparse.ArgumentParser:
                          "(colour left out, order, 'there is'); default 1 = standard captions only, as shipped")
     ap.add_argument("--min-snr", type=float, default=5.0,
                     help="Min-SNR-gamma loss weighting (default 5: the paper's value, as shipped; 0 = uniform)")
+    ap.add_argument("--ground-weight", type=float, default=0.0,
+                    help="weight of the loss putting each shape noun's cross-attention on its object "
+                         "(testbed/grounding.py; 0 = off, as shipped shapes-sd)")
+    ap.add_argument("--sink-weight", type=float, default=0.0,
+                    help="weight of the loss giving background positions' cross-attention to the start token "
+                         "(0 = off)")
+    ap.add_argument("--unet-init", default=None, metavar="FOLDER",
+                    help="start the UNet from this pipeline folder's unet (same architecture), e.g. shapes-sd")
     return ap
 
 

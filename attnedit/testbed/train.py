@@ -399,7 +399,9 @@ def run(args: argparse.Namespace) -> int:
     check_denoiser_args(args, ("vae_latent_noise", args.vae_latent_noise >= 0, "0 or more"),
                         ("text_layers", args.text_layers >= 0, "0 or more"),
                         ("caption_keep", 0 <= args.caption_keep <= 1, "in [0, 1]"),
-                        ("min_snr", args.min_snr >= 0, "0 or more; 0 = uniform weights"))
+                        ("min_snr", args.min_snr >= 0, "0 or more; 0 = uniform weights"),
+                        ("ground_weight", args.ground_weight >= 0, "0 or more; 0 = off"),
+                        ("sink_weight", args.sink_weight >= 0, "0 or more; 0 = off"))
     torch.set_num_threads(args.threads)
     if args.install_vae_into:
         if not args.vae_init:
@@ -463,6 +465,11 @@ def run(args: argparse.Namespace) -> int:
             torch.save({"vae": vae.state_dict(), "vae_loss": vae_loss, "agreement": agreement}, work / "vae.pt")
             return 0
         scale = None
+        if args.unet_init:
+            from diffusers import UNet2DConditionModel
+
+            unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.unet_init, subfolder="unet",
+                                                                      torch_dtype=torch.float32).state_dict())
         ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
     vae.eval().requires_grad_(False)
     if latents is None:
@@ -483,6 +490,13 @@ def run(args: argparse.Namespace) -> int:
     if not frozen_text:
         text.train()
     caption_rng = np.random.default_rng([args.seed, 11])
+    grounding = args.ground_weight > 0 or args.sink_weight > 0
+    if grounding:
+        from . import grounding as gr
+
+        probe = gr.install(unet)
+        mask_cache: dict[int, np.ndarray] = {}
+    ground_ema = sink_ema = 0.0
     alphas = sched.alphas_cumprod
     loss_ema = None
     bar = tqdm(range(start, args.steps), desc="unet", mininterval=5, initial=start, total=args.steps)
@@ -501,9 +515,23 @@ def run(args: argparse.Namespace) -> int:
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
         ehs = text(tokenize(tok, caps))[0]
+        if grounding:
+            probe.maps.clear()
         pred = unet(zt, t, encoder_hidden_states=ehs).sample
         weight = min_snr_weights(alphas, t, args.min_snr)
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
+        if grounding:
+            ids = idx.tolist()
+            for i in ids:
+                if i not in mask_cache:
+                    mask_cache[i] = gr.object_masks(data.scenes[i])
+            tok_t, bg = gr.targets(caps, [data.scenes[i] for i in ids], [mask_cache[i] for i in ids],
+                                   ehs.shape[1])
+            ground_l, sink_l = gr.losses(probe.maps, tok_t, bg)
+            probe.maps.clear()
+            loss = loss + args.ground_weight * ground_l + args.sink_weight * sink_l
+            ground_ema = ground_l.item() if step == start else 0.99 * ground_ema + 0.01 * ground_l.item()
+            sink_ema = sink_l.item() if step == start else 0.99 * sink_ema + 0.01 * sink_l.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -514,7 +542,8 @@ def run(args: argparse.Namespace) -> int:
         loss_ema = loss.item() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss.item()
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if (step + 1) % args.every == 0 or step + 1 == args.steps:
-            log({"stage": "unet", "step": step + 1, "loss": loss_ema})
+            log({"stage": "unet", "step": step + 1, "loss": loss_ema,
+                 **({"ground": ground_ema, "sink": sink_ema} if grounding else {})})
             grid = sample_grid(vae, ema_text.eval(), ema_unet.eval(), tok, scale, list(PROBE_PROMPTS), seed=step)
             Image.fromarray(grid).save(work / f"samples_{step + 1:06d}.png")
             torch.save({"vae": vae.state_dict(), "text": text.state_dict(), "unet": unet.state_dict(),
@@ -526,7 +555,8 @@ def run(args: argparse.Namespace) -> int:
             "trained": {"seed": args.seed, "unet_steps": args.steps, "vae_steps": args.vae_steps,
                         "min_snr": args.min_snr, "text_layers": int(text.config.num_hidden_layers),
                         "text": "pretrained, frozen" if frozen_text else "trained with the UNet",
-                        "caption_keep": args.caption_keep,
+                        "caption_keep": args.caption_keep, "ground_weight": args.ground_weight,
+                        "sink_weight": args.sink_weight, "unet_init": args.unet_init,
                         "batch": args.batch, "lr": args.lr, "final_loss": loss_ema, "vae_loss": vae_loss,
                         "scaling_factor": scale, "wall_s": round(time.time() - t0, 1)}}
     save_pipeline(Path(args.out), vae, ema_text, ema_unet, tok, scale, meta)
