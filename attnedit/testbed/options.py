@@ -42,7 +42,8 @@ def train_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-crop", type=int, default=64, help="train the VAE on random crops of this size")
-    ap.add_argument("--vae-init", default=None, help="start the VAE from a checkpoint of this script")
+    ap.add_argument("--vae-init", default=None,
+                    help="start the VAE from a checkpoint of this script, or from a pipeline folder's vae")
     ap.add_argument("--vae-latent-noise", type=float, default=0.1,
                     help="noise added to the latents the decoder trains on, relative to their spread")
     ap.add_argument("--vae-decoder-only", action="store_true",

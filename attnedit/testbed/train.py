@@ -341,6 +341,15 @@ def write_pipeline(pipe, out: Path, meta: dict) -> None:
     settings.write_text(json.dumps({**kept, **meta}, indent=2) + "\n")
 
 
+def read_vae_init(path: str | os.PathLike) -> dict:
+    """A VAE checkpoint of this script (`--vae-only`), or a pipeline folder whose `vae` to start from."""
+    if Path(path).is_dir():
+        from diffusers import AutoencoderKL
+
+        return {"vae": AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).state_dict()}
+    return torch.load(path, weights_only=False)
+
+
 def install_vae(folder: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
     """Put the VAE weights of `checkpoint` into the pipeline `folder`, keeping its VAE config.
 
@@ -445,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
         gen.set_state(state["gen"])
         print(f"resumed at step {start}")
     else:
-        init = torch.load(args.vae_init, weights_only=False) if args.vae_init else {}
+        init = read_vae_init(args.vae_init) if args.vae_init else {}
         if init:
             vae.load_state_dict(init["vae"])
         vae_loss = train_vae(vae, data, args.vae_steps, args.vae_batch, args.vae_lr, gen, log, crop=args.vae_crop,
