@@ -96,10 +96,14 @@ def make_control(method: str, objects: Sequence[tuple[str, str]], options: dict 
 
 def diffusers_ae(pipe: attnedit.EditPipeline, text: str, objects: Sequence[tuple[str, str]], seeds: list[int],
                  steps: int, guidance: float, options: dict | None = None) -> list:
-    """Images of diffusers' `StableDiffusionAttendAndExcitePipeline` (its defaults: 16x16 maps, the official
-    thresholds and step sizes) on the model's components, from the same seeded initial latents as attnedit's
-    generations, so its difference to plain is paired like the others'. The reference that shows the testbed
-    is fair to A&E: it is the A&E users run outside attnedit."""
+    """Images of diffusers' `StableDiffusionAttendAndExcitePipeline` on the model's components, from the same
+    seeded initial latents as attnedit's generations, so its difference to plain is paired like the others'.
+    The reference that shows the testbed is fair to A&E: it is the A&E users run outside attnedit.
+
+    Its defaults (16x16 maps, step size 20, x100 softmax over tokens 1:-1) except the schedule, which diffusers
+    fixes for 50 steps (guide steps 0-24, refine at indices 0 / 10 / 20): here, like the paper and attnedit,
+    the first half of `steps` is guided and the refinement indices scale with the step count (k * steps / 50);
+    `options` (keyword arguments of the pipeline call) override."""
     import inspect
 
     import torch
@@ -113,10 +117,13 @@ def diffusers_ae(pipe: attnedit.EditPipeline, text: str, objects: Sequence[tuple
     indices = [tokens.index(f"{s}</w>") for s, _ in objects]
     height, width = pipe.default_size()
     latents = pipe.initial_latents(len(seeds), height, width, [torch.Generator().manual_seed(s) for s in seeds])
+    schedule = {"max_iter_to_alter": steps // 2,
+                "thresholds": {round(k * steps / 50): v for k, v in {0: 0.05, 10: 0.5, 20: 0.8}.items()}}
     saved = base.unet.attn_processors  # diffusers' A&E sets its processors on the shared UNet and keeps them
     try:
         return ae(text, token_indices=indices, latents=latents, num_images_per_prompt=len(seeds), height=height,
-                  width=width, num_inference_steps=steps, guidance_scale=guidance, **(options or {})).images
+                  width=width, num_inference_steps=steps, guidance_scale=guidance,
+                  **{**schedule, **(options or {})}).images
     finally:
         base.unet.set_attn_processor(saved)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 
 def test_quality_benchmark_quick_run_writes_every_section(tmp_path, load_benchmark):
     quality = load_benchmark("quality")
@@ -52,3 +54,20 @@ def test_attencraft_maps_and_ae_peaks_report_on_the_bundled_model(capsys, load_b
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("token_mode=prompt")]
     nouns, colours = (float(re.search(r"step 10 \[([\d.]+)", ln).group(1)) for ln in lines)
     assert nouns < 0.5 < colours  # the noun loses the x100 softmax to its colour word
+
+
+def test_multisubject_runs_diffusers_own_ae_beside_and_leaves_the_unet_as_it_was(load_benchmark):
+    """The reference A&E (diffusers' pipeline) starts from the same seeded latents and restores the processors
+    it installs on the shared UNet, so methods run after it are untouched."""
+    import attnedit
+
+    qm = load_benchmark("quality_multisubject")
+    pipe = attnedit.load("shapes-sd")
+    before = {k: type(v) for k, v in pipe.pipe.unet.attn_processors.items()}
+    objects = [("circle", "red"), ("square", "blue")]
+    images = qm.diffusers_ae(pipe, qm.caption(objects), objects, [0], steps=2, guidance=5.0,
+                             options={"max_iter_to_alter": 0, "thresholds": {}})  # nothing guided: the plain image
+    assert {k: type(v) for k, v in pipe.pipe.unet.attn_processors.items()} == before
+    plain = pipe(qm.caption(objects), seed=0, steps=2, guidance=5.0).image
+    diff = np.abs(np.asarray(images[0], np.int16) - np.asarray(plain, np.int16))
+    assert diff.max() <= 2  # same latents; diffusers' A&E computes attention with bmm, attnedit with SDPA
