@@ -63,6 +63,19 @@ def word_kind(word: str) -> str:
     return "article / and"
 
 
+MISSES = ("right shape, wrong colour", "right colour, wrong shape", "neither")
+
+
+def single_miss(wanted: tuple[str, str], found: list) -> str:
+    """How a single-object image missed its (shape, colour): which half of the request the detector found."""
+    shape, colour = wanted
+    if any(d.shape == shape for d in found):
+        return MISSES[0]
+    if any(d.colour == colour for d in found):
+        return MISSES[1]
+    return MISSES[2]
+
+
 def token_shares(store, sample: int = 0) -> dict[str, float]:
     """Mean attention mass per token kind (over positions, layers and steps) of one generated image."""
     maps = store.token_maps(sample, grid=(GRID, GRID))  # (H, W, captured tokens): raw softmax probabilities
@@ -101,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, list[float]] = {"shape noun (own object)": [], "colour word (own object)": [],
                                       "the other object's noun": []}
     single_right, neglect = [], []
+    misses = dict.fromkeys(MISSES, 0)
     for name, prompts in sets.items():
         for prompt in prompts:
             wanted = list(parse_prompt(prompt).objects)  # (shape, colour) per object
@@ -111,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 shares[name].append(token_shares(store))
                 if name == "single":
                     single_right.append(all_present(prompt, found))
+                    if not single_right[-1]:
+                        misses[single_miss(wanted[0], found)] += 1
                 else:
                     neglect.append(not all_present(prompt, found))
                 maps = store.word_maps(grid=(GRID, GRID))
@@ -159,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"| single-object accuracy ({len(single_right)} images) | {100 * np.mean(single_right):.1f} % | >= 91.7 % |")
     log(f"| two-object neglect: some object missing ({len(neglect)} images) | {100 * np.mean(neglect):.1f} % "
         "| >= 40 % |")
+    log("\nSingle-object misses by kind: " + ", ".join(f"{k} {v}" for k, v in misses.items()))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(lines) + "\n")

@@ -71,3 +71,23 @@ def test_multisubject_runs_diffusers_own_ae_beside_and_leaves_the_unet_as_it_was
     plain = pipe(qm.caption(objects), seed=0, steps=2, guidance=5.0).image
     diff = np.abs(np.asarray(images[0], np.int16) - np.asarray(plain, np.int16))
     assert diff.max() <= 2  # same latents; diffusers' A&E computes attention with bmm, attnedit with SDPA
+
+
+def test_text_attention_sorts_words_and_single_object_misses(load_benchmark):
+    from attnedit.testbed.detector import Detection
+
+    ta = load_benchmark("text_attention")
+    assert [ta.word_kind(w) for w in ("a", "red", "circles", "two", "left", "and")] == [
+        "article / and", "colour", "shape noun", "count", "relation", "article / and"]
+    box = (0.1, 0.1, 0.4, 0.4)
+    assert ta.single_miss(("circle", "red"), [Detection("circle", "blue", box, 0.1)]) == "right shape, wrong colour"
+    assert ta.single_miss(("circle", "red"), [Detection("star", "red", box, 0.1)]) == "right colour, wrong shape"
+    assert ta.single_miss(("circle", "red"), [Detection("star", "green", box, 0.1)]) == "neither"
+    assert ta.single_miss(("circle", "red"), []) == "neither"
+    from attnedit.testbed.world import parse_prompt
+
+    pairs = ta.pair_prompts(24)
+    assert len(set(pairs)) == 24
+    for prompt in pairs:  # two objects, distinct shapes and distinct colours, in the world's grammar
+        (s1, c1), (s2, c2) = parse_prompt(prompt).objects
+        assert s1 != s2 and c1 != c2, prompt
