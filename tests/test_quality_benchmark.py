@@ -54,6 +54,13 @@ def test_attencraft_maps_and_ae_peaks_report_on_the_bundled_model(capsys, load_b
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("token_mode=prompt")]
     nouns, colours = (float(re.search(r"step 10 \[([\d.]+)", ln).group(1)) for ln in lines)
     assert nouns < 0.5 < colours  # the noun loses the x100 softmax to its colour word
+    # on shapes-sd-clip the nouns win it instead (peaks vs neglect, one prompt and seed: a table row per outcome)
+    assert load_benchmark("ae_peaks").main(["--model", "shapes-sd-clip", "--pairs", "1", "--seeds", "2",
+                                            "--steps", "22"]) == 0
+    rows = [ln.split(" | ") for ln in capsys.readouterr().out.splitlines() if ln.startswith("| every")
+            or ln.startswith("| some")]
+    assert sum(int(r[1]) for r in rows) == 2
+    assert all(0 < float(v) <= 1 for r in rows for v in r[2:5])
 
 
 def test_multisubject_runs_diffusers_own_ae_beside_and_leaves_the_unet_as_it_was(load_benchmark):
