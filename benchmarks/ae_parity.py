@@ -18,7 +18,6 @@ What remains is the attention arithmetic: diffusers' A&E processor computes ever
 from __future__ import annotations
 
 import argparse
-import inspect
 
 import torch
 
@@ -30,13 +29,11 @@ WORDS = ("circle", "square")
 
 def compare(model: str = "shapes-sd", steps: int = 10, seed: int = 0, guidance: float = 5.0) -> dict[str, float]:
     """Final latents of diffusers' A&E and attnedit's on one seed; returns the distances."""
-    from diffusers import StableDiffusionAttendAndExcitePipeline
+    from quality_multisubject import diffusers_ae_pipeline
 
     edit_pipe = attnedit.load(model)
     pipe = edit_pipe.pipe
-    wanted = inspect.signature(StableDiffusionAttendAndExcitePipeline.__init__).parameters
-    ae_pipe = StableDiffusionAttendAndExcitePipeline(**{k: v for k, v in pipe.components.items() if k in wanted})
-    ae_pipe.set_progress_bar_config(disable=True)
+    ae_pipe = diffusers_ae_pipeline(pipe)
     height, width = edit_pipe.default_size()
     latents = edit_pipe.initial_latents(1, height, width, [torch.Generator().manual_seed(seed)])
     guided = steps // 2

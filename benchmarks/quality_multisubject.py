@@ -94,6 +94,18 @@ def make_control(method: str, objects: Sequence[tuple[str, str]], options: dict 
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+def diffusers_ae_pipeline(base):
+    """diffusers' `StableDiffusionAttendAndExcitePipeline` sharing the components of the stock pipeline `base`."""
+    import inspect
+
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    wanted = inspect.signature(StableDiffusionAttendAndExcitePipeline.__init__).parameters
+    ae = StableDiffusionAttendAndExcitePipeline(**{k: v for k, v in base.components.items() if k in wanted})
+    ae.set_progress_bar_config(disable=True)
+    return ae
+
+
 def diffusers_ae(pipe: attnedit.EditPipeline, text: str, objects: Sequence[tuple[str, str]], seeds: list[int],
                  steps: int, guidance: float, options: dict | None = None) -> list:
     """Images of diffusers' `StableDiffusionAttendAndExcitePipeline` on the model's components, from the same
@@ -104,15 +116,10 @@ def diffusers_ae(pipe: attnedit.EditPipeline, text: str, objects: Sequence[tuple
     fixes for 50 steps (guide steps 0-24, refine at indices 0 / 10 / 20): here, like the paper and attnedit,
     the first half of `steps` is guided and the refinement indices scale with the step count (k * steps / 50);
     `options` (keyword arguments of the pipeline call) override."""
-    import inspect
-
     import torch
-    from diffusers import StableDiffusionAttendAndExcitePipeline
 
     base = pipe.pipe
-    wanted = inspect.signature(StableDiffusionAttendAndExcitePipeline.__init__).parameters
-    ae = StableDiffusionAttendAndExcitePipeline(**{k: v for k, v in base.components.items() if k in wanted})
-    ae.set_progress_bar_config(disable=True)
+    ae = diffusers_ae_pipeline(base)
     tokens = base.tokenizer.convert_ids_to_tokens(base.tokenizer(text).input_ids)
     indices = [tokens.index(f"{s}</w>") for s, _ in objects]
     height, width = pipe.default_size()
