@@ -49,8 +49,12 @@ def compare(model: str = "shapes-sd", steps: int = 10, seed: int = 0, guidance: 
     indices = [tokens.find(w)[0] for w in WORDS]
     grid = ctrl.registry.layers[ae.state.layer_names[0]].grid((height // edit_pipe.vae_scale_factor,
                                                                 width // edit_pipe.vae_scale_factor))
-    theirs = ae_pipe(PROMPT, token_indices=indices, latents=latents.clone(), max_iter_to_alter=guided, thresholds={},
-                     attn_res=grid, **call).images
+    saved = pipe.unet.attn_processors  # diffusers' A&E leaves its processors on the shared UNet
+    try:
+        theirs = ae_pipe(PROMPT, token_indices=indices, latents=latents.clone(), max_iter_to_alter=guided,
+                         thresholds={}, attn_res=grid, **call).images
+    finally:
+        pipe.unet.set_attn_processor(saved)
     plain = pipe(PROMPT, latents=latents.clone(), **call).images
     return {
         "max_abs_diff": float((ours - theirs).abs().max()),
