@@ -360,7 +360,7 @@ def install_vae(folder: str | os.PathLike, checkpoint: str | os.PathLike) -> Non
 
     target = Path(folder) / "vae"
     vae = AutoencoderKL.from_pretrained(target, dtype=torch.float32, local_files_only=True)
-    state = torch.load(checkpoint, weights_only=False)["vae"]
+    state = read_vae_init(checkpoint)["vae"]
     enc = {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
     # the folder holds fp16 weights: compare at that precision
     changed = [k for k, v in enc.items() if not torch.equal(v, state[k].half().float())]
@@ -524,8 +524,6 @@ def run(args: argparse.Namespace) -> int:
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
         ehs = text(tokenize(tok, caps))[0]
-        if grounding:
-            probe.maps.clear()
         pred = unet(zt, t, encoder_hidden_states=ehs).sample
         weight = min_snr_weights(alphas, t, args.min_snr)
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
@@ -537,7 +535,7 @@ def run(args: argparse.Namespace) -> int:
             tok_t, bg = gr.targets(caps, [data.scenes[i] for i in ids], [mask_cache[i] for i in ids],
                                    ehs.shape[1])
             ground_l, sink_l = gr.losses(probe.maps, tok_t, bg)
-            probe.maps.clear()
+            probe.maps.clear()  # only this forward fills them (the sample grids run the EMA copy, no probe)
             loss = loss + args.ground_weight * ground_l + args.sink_weight * sink_l
             ground_ema = ground_l.item() if step == start else 0.99 * ground_ema + 0.01 * ground_l.item()
             sink_ema = sink_l.item() if step == start else 0.99 * sink_ema + 0.01 * sink_l.item()
