@@ -98,3 +98,23 @@ def test_text_attention_sorts_words_and_single_object_misses(load_benchmark):
     for prompt in pairs:  # two objects, distinct shapes and distinct colours, in the world's grammar
         (s1, c1), (s2, c2) = parse_prompt(prompt).objects
         assert s1 != s2 and c1 != c2, prompt
+
+
+def test_token_swap_splices_states_and_reports_each_variant(tmp_path, load_benchmark):
+    import torch
+
+    ts = load_benchmark("token_swap")
+    a, b = torch.zeros(1, 6, 2), torch.ones(1, 6, 2)
+    assert torch.equal(ts.splice(a, b, 4), torch.cat([a[:, :4], b[:, 4:]], 1))
+    from attnedit.testbed.world import COLOURS, SHAPES
+
+    pairs = ts.caption_pairs(12)
+    assert pairs == ts.caption_pairs(12)  # seeded
+    for (ca, sa), (cb, sb) in pairs:
+        assert ca != cb and sa != sb and {ca, cb} <= set(COLOURS) and {sa, sb} <= set(SHAPES)
+    out = tmp_path / "swap.md"
+    assert ts.main(["--model", "shapes-sd-clip", "--pairs", "1", "--seeds", "1", "--out", str(out)]) == 0
+    rows = [r for r in out.read_text().splitlines() if r.startswith("| ") and "---" not in r][1:]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(ts.VARIANTS)
+    for row in rows:  # one image per row: every share is 0 or 1
+        assert {float(v) for v in row.strip(" |").split(" | ")[1:]} <= {0.0, 1.0}

@@ -321,6 +321,8 @@ def test_training_options_are_checked_before_any_work(tmp_path):
         dit_main(["--vae-init", str(tmp_path / "missing.pt"), "--work", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"--text-layers -1 \(0 or more\); --min-snr -5.0 \(0 or more"):
         train_main(["--work", str(tmp_path), "--text-layers", "-1", "--min-snr", "-5"])
+    with pytest.raises(SystemExit, match=r"--summary-drop 1.5 \(in \[0, 1\]; 0 = off\)"):
+        train_main(["--work", str(tmp_path), "--summary-drop", "1.5"])
     with pytest.raises(SystemExit, match="--install-vae-into needs --vae-init"):
         train_main(["--install-vae-into", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # nothing written
@@ -550,3 +552,27 @@ def test_training_with_grounding_logs_both_terms(tmp_path):
     assert 0 < row["ground"] <= 1 and 0 < row["sink"] <= 1
     saved = json.loads((tmp_path / "model" / "attnedit.json").read_text())["trained"]
     assert saved["ground_weight"] == 0.1 and saved["sink_weight"] == 0.05
+
+
+def test_summary_drop_gives_end_and_padding_the_empty_captions_states():
+    import torch
+
+    from attnedit.testbed.train import drop_summary
+
+    bos, eos = 1, 2
+    ids = torch.tensor([[bos, 5, 6, eos, eos, eos], [bos, 7, 8, 9, 10, eos], [bos, eos, eos, eos, eos, eos]])
+    states = torch.arange(3 * 6 * 2, dtype=torch.float32).view(3, 6, 2) + 100
+    empty = -torch.arange(6 * 2, dtype=torch.float32).view(1, 6, 2)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert drop_summary(states, ids, empty, eos, 0.0, gen) is states  # off: untouched, no random draw
+    assert torch.equal(gen.get_state(), state)
+    out = drop_summary(states, ids, empty, eos, 1.0, gen)
+    assert torch.equal(out[0, :3], states[0, :3]) and torch.equal(out[0, 3:], empty[0, 3:])  # words kept
+    assert torch.equal(out[1, :5], states[1, :5]) and torch.equal(out[1, 5:], empty[0, 5:])
+    assert torch.equal(out[2, :1], states[2, :1]) and torch.equal(out[2, 1:], empty[0, 1:])
+    no_end = torch.tensor([[bos, 5, 6, 7, 8, 9]])  # truncated, no end token: nothing to drop
+    assert torch.equal(drop_summary(states[:1], no_end, empty, eos, 1.0, gen), states[:1])
+    # p = 0.5: each caption either keeps all its states or drops its whole summary
+    picks = [not torch.equal(drop_summary(states, ids, empty, eos, 0.5, gen)[0], states[0]) for _ in range(200)]
+    assert 70 < sum(picks) < 130

@@ -70,6 +70,10 @@ def train_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--sink-weight", type=float, default=0.0,
                     help="weight of the loss giving background positions' cross-attention to the start token "
                          "(0 = off)")
+    ap.add_argument("--summary-drop", type=float, default=0.0,
+                    help="probability per training caption of replacing the end token's and the padding's states "
+                         "by the empty caption's, so the words, not the causal encoder's summary, must carry the "
+                         "objects (0 = off)")
     ap.add_argument("--unet-init", default=None, metavar="FOLDER",
                     help="start the UNet from this pipeline folder's unet (same architecture), e.g. shapes-sd")
     return ap

@@ -152,6 +152,25 @@ def tokenize(tok, captions: list[str]) -> torch.Tensor:
                return_tensors="pt").input_ids
 
 
+def drop_summary(states: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor, eos_id: int, p: float,
+                 gen: torch.Generator) -> torch.Tensor:
+    """With probability `p` per caption, give its end token and padding the empty caption's states.
+
+    A causal encoder's end token has read the whole caption, so a UNet can take every object from that one
+    token and ignore the words' own states; then moving a noun's attention (A&E, A-STAR) moves nothing.
+    Dropping the summary makes the words the reliable carrier. Draws nothing when `p` is 0 (old recipes
+    stay reproducible).
+    """
+    if p <= 0:
+        return states
+    pick = torch.rand(ids.shape[0], generator=gen) < p
+    is_eos = ids == eos_id
+    first = is_eos.int().argmax(1)  # the end token; the padding after it repeats its id
+    after = torch.arange(ids.shape[1])[None] >= first[:, None]
+    swap = (pick & is_eos.any(1))[:, None] & after
+    return torch.where(swap[..., None], empty.expand_as(states), states)
+
+
 # --------------------------------------------------------------------------------------- training
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
@@ -410,7 +429,8 @@ def run(args: argparse.Namespace) -> int:
                         ("caption_keep", 0 <= args.caption_keep <= 1, "in [0, 1]"),
                         ("min_snr", args.min_snr >= 0, "0 or more; 0 = uniform weights"),
                         ("ground_weight", args.ground_weight >= 0, "0 or more; 0 = off"),
-                        ("sink_weight", args.sink_weight >= 0, "0 or more; 0 = off"))
+                        ("sink_weight", args.sink_weight >= 0, "0 or more; 0 = off"),
+                        ("summary_drop", 0 <= args.summary_drop <= 1, "in [0, 1]; 0 = off"))
     torch.set_num_threads(args.threads)
     if args.install_vae_into:
         if not args.vae_init:
@@ -523,7 +543,10 @@ def run(args: argparse.Namespace) -> int:
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
-        ehs = text(tokenize(tok, caps))[0]
+        token_ids = tokenize(tok, caps)
+        ehs = text(token_ids)[0]
+        if args.summary_drop > 0:
+            ehs = drop_summary(ehs, token_ids, text(tokenize(tok, [""]))[0], tok.eos_token_id, args.summary_drop, gen)
         pred = unet(zt, t, encoder_hidden_states=ehs).sample
         weight = min_snr_weights(alphas, t, args.min_snr)
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
@@ -563,7 +586,8 @@ def run(args: argparse.Namespace) -> int:
                         "min_snr": args.min_snr, "text_layers": int(text.config.num_hidden_layers),
                         "text": "pretrained, frozen" if frozen_text else "trained with the UNet",
                         "caption_keep": args.caption_keep, "ground_weight": args.ground_weight,
-                        "sink_weight": args.sink_weight, "unet_init": args.unet_init,
+                        "sink_weight": args.sink_weight, "summary_drop": args.summary_drop,
+                        "unet_init": args.unet_init,
                         "batch": args.batch, "lr": args.lr, "final_loss": loss_ema, "vae_loss": vae_loss,
                         "scaling_factor": scale, "wall_s": round(time.time() - t0, 1)}}
     save_pipeline(Path(args.out), vae, ema_text, ema_unet, tok, scale, meta)
