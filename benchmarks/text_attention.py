@@ -14,7 +14,10 @@ and read back by the testbed detector. Reported against the targets of issue 21:
   (16 x 16 grid), over every requested object the detector finds; target >= 3;
 - single-object accuracy (the requested object found, shape and colour: `testbed_eval.py`'s "all requested
   objects right"), target >= 91.7 %; two-object neglect (some requested object missing), which must stay
-  >= 40 % for A&E / A-STAR to have something to fix.
+  >= 40 % for A&E / A-STAR to have something to fix;
+- how the missing objects of two-object prompts are missing (its colour drawn in another shape, its shape in
+  another colour, neither), and, where its colour was drawn in another shape, the missing noun's map on that
+  object: A&E reads a noun's peak, so a noun that marks a stand-in object looks attended to and gets no push.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def word_kind(word: str) -> str:
 
 
 MISSES = ("right shape, wrong colour", "right colour, wrong shape", "neither")
+WRONG_SHAPE = "a missing object's noun, on its colour drawn in another shape"
 
 
 def single_miss(wanted: tuple[str, str], found: list) -> str:
@@ -112,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     sets = {"single": singles, "two objects": pair_prompts(args.pairs)}
     shares: dict[str, list[dict[str, float]]] = {k: [] for k in sets}
     ratios: dict[str, list[float]] = {"shape noun (own object)": [], "colour word (own object)": [],
-                                      "the other object's noun": []}
+                                      "the other object's noun": [], WRONG_SHAPE: []}
     single_right, neglect = [], []
     misses = dict.fromkeys(MISSES, 0)
+    pair_misses = dict.fromkeys(MISSES, 0)
     for name, prompts in sets.items():
         for prompt in prompts:
             wanted = list(parse_prompt(prompt).objects)  # (shape, colour) per object
@@ -131,6 +136,16 @@ def main(argv: list[str] | None = None) -> int:
                     neglect.append(not all_present(prompt, found))
                 maps = store.word_maps(grid=(GRID, GRID))
                 boxes = {d.label: d.box for d in found}
+                if name != "single":
+                    for shape, colour in wanted:
+                        if (shape, colour) in boxes:
+                            continue
+                        pair_misses[single_miss((shape, colour), found)] += 1
+                        stand_in = [d for d in found if d.colour == colour and d.shape != shape]
+                        inside = box_mask(stand_in[0].box, (GRID, GRID)) if stand_in else None
+                        if inside is not None and not inside.all():  # the noun's map on the object drawn instead
+                            m = maps[shape].numpy()
+                            ratios[WRONG_SHAPE].append(float(m[inside].mean() / max(m[~inside].mean(), 1e-12)))
                 for i, label in enumerate(wanted):
                     if label not in boxes:
                         continue
@@ -176,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"| two-object neglect: some object missing ({len(neglect)} images) | {100 * np.mean(neglect):.1f} % "
         "| >= 40 % |")
     log("\nSingle-object misses by kind: " + ", ".join(f"{k} {v}" for k, v in misses.items()))
+    log("Two-object prompts, missing objects by kind: " + ", ".join(f"{k} {v}" for k, v in pair_misses.items()))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(lines) + "\n")

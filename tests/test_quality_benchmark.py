@@ -118,3 +118,17 @@ def test_token_swap_splices_states_and_reports_each_variant(tmp_path, load_bench
     assert [r.split(" | ")[0][2:] for r in rows] == list(ts.VARIANTS)
     for row in rows:  # one image per row: every share is 0 or 1
         assert {float(v) for v in row.strip(" |").split(" | ")[1:]} <= {0.0, 1.0}
+
+
+def test_text_attention_reports_every_section_on_the_bundled_clip_model(tmp_path, load_benchmark):
+    ta = load_benchmark("text_attention")
+    out = tmp_path / "ta.md"
+    assert ta.main(["--model", "shapes-sd-clip", "--seeds", "1", "--pairs", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    shares = [r for r in text.splitlines() if r.startswith(("| single |", "| two objects |"))]
+    assert len(shares) == 2 and all(r.endswith("| start |") for r in shares)  # the start token's share largest
+    noun = next(r for r in text.splitlines() if r.startswith("| shape noun (own object) |"))
+    assert float(noun.split(" | ")[2]) >= 3  # a noun's map marks its object
+    assert ta.WRONG_SHAPE in text
+    kinds = next(r for r in text.splitlines() if r.startswith("Two-object prompts, missing objects by kind:"))
+    assert all(k in kinds for k in ta.MISSES)

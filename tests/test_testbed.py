@@ -552,6 +552,9 @@ def test_training_with_grounding_logs_both_terms(tmp_path):
     assert 0 < row["ground"] <= 1 and 0 < row["sink"] <= 1
     saved = json.loads((tmp_path / "model" / "attnedit.json").read_text())["trained"]
     assert saved["ground_weight"] == 0.1 and saved["sink_weight"] == 0.05
+    # the VAE's loss comes with it from the folder it was taken from (strict JSON: never NaN)
+    shipped = json.loads((shapes / "attnedit.json").read_text())["trained"]
+    assert saved["vae_loss"] == shipped["vae_loss"]
 
 
 def test_summary_drop_gives_end_and_padding_the_empty_captions_states():

@@ -365,7 +365,10 @@ def read_vae_init(path: str | os.PathLike) -> dict:
     if Path(path).is_dir():
         from diffusers import AutoencoderKL
 
-        return {"vae": AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).state_dict()}
+        settings = Path(path, "attnedit.json")
+        trained = json.loads(settings.read_text()).get("trained", {}) if settings.is_file() else {}
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).state_dict()
+        return {"vae": vae, **({"vae_loss": trained["vae_loss"]} if trained.get("vae_loss") is not None else {})}
     return torch.load(path, weights_only=False)
 
 
@@ -588,7 +591,8 @@ def run(args: argparse.Namespace) -> int:
                         "caption_keep": args.caption_keep, "ground_weight": args.ground_weight,
                         "sink_weight": args.sink_weight, "summary_drop": args.summary_drop,
                         "unet_init": args.unet_init,
-                        "batch": args.batch, "lr": args.lr, "final_loss": loss_ema, "vae_loss": vae_loss,
+                        "batch": args.batch, "lr": args.lr, "final_loss": loss_ema,
+                        "vae_loss": None if math.isnan(vae_loss) else vae_loss,
                         "scaling_factor": scale, "wall_s": round(time.time() - t0, 1)}}
     save_pipeline(Path(args.out), vae, ema_text, ema_unet, tok, scale, meta)
     log({"stage": "saved", "out": str(args.out), **meta["trained"]})
