@@ -15,9 +15,10 @@ and read back by the testbed detector. Reported against the targets of issue 21:
 - single-object accuracy (the requested object found, shape and colour: `testbed_eval.py`'s "all requested
   objects right"), target >= 91.7 %; two-object neglect (some requested object missing), which must stay
   >= 40 % for A&E / A-STAR to have something to fix;
-- how the missing objects of two-object prompts are missing (its colour drawn in another shape, its shape in
-  another colour, neither), and, where its colour was drawn in another shape, the missing noun's map on that
-  object: A&E reads a noun's peak, so a noun that marks a stand-in object looks attended to and gets no push.
+- how the missing objects of two-object prompts are missing (`pair_miss`: its shape in another colour, its
+  colour on the other requested shape, its colour in a shape not asked for, neither), and, for the third kind,
+  the missing noun's map on that stand-in: A&E reads a noun's peak, so a noun that marks a stand-in object
+  looks attended to and gets no push.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def word_kind(word: str) -> str:
 
 
 MISSES = ("right shape, wrong colour", "right colour, wrong shape", "neither")
-WRONG_SHAPE = "a missing object's noun, on its colour drawn in another shape"
+PAIR_MISSES = ("its shape in another colour", "its colour on the other requested shape",
+               "its colour in a shape not asked for", "neither")
+WRONG_SHAPE = "a missing object's noun, on its colour in a shape not asked for"
 
 
 def single_miss(wanted: tuple[str, str], found: list) -> str:
@@ -78,6 +81,25 @@ def single_miss(wanted: tuple[str, str], found: list) -> str:
     if any(d.colour == colour for d in found):
         return MISSES[1]
     return MISSES[2]
+
+
+def pair_miss(wanted: tuple[str, str], other_shape: str, found: list):
+    """How a two-object prompt's requested (shape, colour) is missing, and the object drawn in its place.
+
+    Its colour on the other requested shape is a binding leak (the other noun's object took the colour); its
+    colour in a shape nobody asked for is a stand-in whose shape is wrong, the kind a noun's map can mark
+    while the object is missing. Returns (kind, stand-in detection or None); only the last two kinds of
+    colour match have one.
+    """
+    shape, colour = wanted
+    if any(d.shape == shape for d in found):
+        return PAIR_MISSES[0], None
+    third = [d for d in found if d.colour == colour and d.shape != other_shape]
+    if third:
+        return PAIR_MISSES[2], third[0]
+    if any(d.colour == colour for d in found):
+        return PAIR_MISSES[1], None
+    return PAIR_MISSES[3], None
 
 
 def token_shares(store, sample: int = 0) -> dict[str, float]:
@@ -119,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "the other object's noun": [], WRONG_SHAPE: []}
     single_right, neglect = [], []
     misses = dict.fromkeys(MISSES, 0)
-    pair_misses = dict.fromkeys(MISSES, 0)
+    pair_misses = dict.fromkeys(PAIR_MISSES, 0)
     for name, prompts in sets.items():
         for prompt in prompts:
             wanted = list(parse_prompt(prompt).objects)  # (shape, colour) per object
@@ -137,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                 maps = store.word_maps(grid=(GRID, GRID))
                 boxes = {d.label: d.box for d in found}
                 if name != "single":
-                    for shape, colour in wanted:
+                    for i, (shape, colour) in enumerate(wanted):
                         if (shape, colour) in boxes:
                             continue
-                        pair_misses[single_miss((shape, colour), found)] += 1
-                        stand_in = [d for d in found if d.colour == colour and d.shape != shape]
-                        inside = box_mask(stand_in[0].box, (GRID, GRID)) if stand_in else None
+                        kind, stand_in = pair_miss((shape, colour), wanted[1 - i][0], found)
+                        pair_misses[kind] += 1
+                        inside = box_mask(stand_in.box, (GRID, GRID)) if stand_in else None
                         if inside is not None and not inside.all():  # the noun's map on the object drawn instead
                             m = maps[shape].numpy()
                             ratios[WRONG_SHAPE].append(float(m[inside].mean() / max(m[~inside].mean(), 1e-12)))

@@ -10,7 +10,8 @@ single-object captions A and B ("a COLOUR SHAPE", distinct shapes and colours), 
 
 - **A**: A's caption as it is (the control);
 - **words A, end B**: the start token and A's words from A, the end token and the padding from B;
-- **words A, end empty**: A's start token and words, the end token and padding from the empty caption;
+- **words A, end empty**: A's start token and words; at the end token's position and after it, the empty
+  caption's states there (its caption-free padding, which is what `testbed train --summary-drop` trains on);
 
 and the detector reports how often the image shows A's shape, B's shape, A's colour and B's colour. A model
 whose words carry the objects follows A in all three rows; one that reads the end token follows B in the
@@ -54,6 +55,15 @@ def splice(words_from: torch.Tensor, end_from: torch.Tensor, end: int) -> torch.
     return torch.cat([words_from[:, :end], end_from[:, end:]], 1)
 
 
+@torch.no_grad()
+def encode(pipe, caption: str) -> tuple[torch.Tensor, int]:
+    """The text encoder's states of `caption` (padded as the pipeline pads) and its end token's position."""
+    tok = pipe.tokenizer
+    ids = tok([caption], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0], int((ids[0] == tok.eos_token_id).int().argmax())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="shapes-sd-clip", help="a bundled testbed name or a pipeline folder")
@@ -74,19 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = json.loads((Path(folder) / "attnedit.json").read_text())
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    tok = pipe.tokenizer
-
-    @torch.no_grad()
-    def encode(caption: str) -> tuple[torch.Tensor, int]:
-        ids = tok([caption], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        return pipe.text_encoder(ids)[0], int((ids[0] == tok.eos_token_id).int().argmax())
-
-    empty, _ = encode("")
+    empty, _ = encode(pipe, "")
     counts = {v: dict.fromkeys(COLUMNS, 0) for v in VARIANTS}
     n = 0
     for (a, b), seed in itertools.product(caption_pairs(args.pairs), range(args.seeds)):
-        (ea, end), (eb, _) = encode(f"a {a[0]} {a[1]}"), encode(f"a {b[0]} {b[1]}")
+        (ea, end), (eb, end_b) = encode(pipe, f"a {a[0]} {a[1]}"), encode(pipe, f"a {b[0]} {b[1]}")
+        if end != end_b:  # every world word is one token, so both captions end at the same position
+            raise RuntimeError(f"captions of different token lengths: {a} ({end}) and {b} ({end_b})")
         states = {"A": ea, "words A, end B": splice(ea, eb, end), "words A, end empty": splice(ea, empty, end)}
         n += 1
         for name, st in states.items():

@@ -103,9 +103,18 @@ def test_text_attention_sorts_words_and_single_object_misses(load_benchmark):
 def test_token_swap_splices_states_and_reports_each_variant(tmp_path, load_benchmark):
     import torch
 
+    import attnedit
+
     ts = load_benchmark("token_swap")
-    a, b = torch.zeros(1, 6, 2), torch.ones(1, 6, 2)
-    assert torch.equal(ts.splice(a, b, 4), torch.cat([a[:, :4], b[:, 4:]], 1))
+    pipe = attnedit.load("shapes-sd-clip").pipe
+    (ea, end), (eb, end_b) = ts.encode(pipe, "a red circle"), ts.encode(pipe, "a blue square")
+    ids = pipe.tokenizer("a red circle").input_ids
+    assert end == end_b == 4 == ids.index(pipe.tokenizer.eos_token_id)  # start, a, red, circle, end
+    mixed = ts.splice(ea, eb, end)
+    assert torch.equal(mixed[:, :end], ea[:, :end]) and torch.equal(mixed[:, end:], eb[:, end:])
+    # the causal end token has read its caption; the padding after it is caption-free (pretrain-text --pad-weight)
+    assert (ea[0, end] - eb[0, end]).norm() > 0.1 * ea[0, end].norm()
+    assert torch.allclose(ea[0, end + 1:], eb[0, end + 1:], atol=0.05 * ea[0, end + 1:].norm(dim=-1).max())
     from attnedit.testbed.world import COLOURS, SHAPES
 
     pairs = ts.caption_pairs(12)
@@ -131,4 +140,21 @@ def test_text_attention_reports_every_section_on_the_bundled_clip_model(tmp_path
     assert float(noun.split(" | ")[2]) >= 3  # a noun's map marks its object
     assert ta.WRONG_SHAPE in text
     kinds = next(r for r in text.splitlines() if r.startswith("Two-object prompts, missing objects by kind:"))
-    assert all(k in kinds for k in ta.MISSES)
+    assert all(k in kinds for k in ta.PAIR_MISSES)
+
+
+def test_text_attention_tells_how_a_requested_object_is_missing(load_benchmark):
+    from attnedit.testbed.detector import Detection
+
+    ta = load_benchmark("text_attention")
+    box = (0.1, 0.1, 0.4, 0.4)
+    wanted, other = ("circle", "red"), "square"
+    red_star = Detection("star", "red", box, 0.1)
+    assert ta.pair_miss(wanted, other, [Detection("circle", "blue", box, 0.1)]) == (ta.PAIR_MISSES[0], None)
+    # the red went to the other requested object: a binding leak, no stand-in
+    assert ta.pair_miss(wanted, other, [Detection("square", "red", box, 0.1)]) == (ta.PAIR_MISSES[1], None)
+    # a red star nobody asked for stands in for the red circle (also when a red square is there too)
+    assert ta.pair_miss(wanted, other, [Detection("square", "red", box, 0.1), red_star]) == (ta.PAIR_MISSES[2],
+                                                                                              red_star)
+    assert ta.pair_miss(wanted, other, [Detection("star", "green", box, 0.1)]) == (ta.PAIR_MISSES[3], None)
+    assert ta.pair_miss(wanted, other, []) == (ta.PAIR_MISSES[3], None)

@@ -539,7 +539,7 @@ def test_training_with_grounding_logs_both_terms(tmp_path):
     assert main(["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--data", "16",
                  "--vae-init", str(shapes), "--vae-steps", "0", "--unet-init", str(shapes), "--steps", "2",
                  "--every", "2", "--batch", "4", "--threads", "1", "--ground-weight", "0.1",
-                 "--sink-weight", "0.05"]) == 0
+                 "--sink-weight", "0.05", "--summary-drop", "0.5"]) == 0
     # both started from the bundled model's weights (2 warm-up steps move the UNet by ~lr / 100)
     vae = AutoencoderKL.from_pretrained(tmp_path / "model", subfolder="vae")
     for name, value in AutoencoderKL.from_pretrained(shapes, subfolder="vae").state_dict().items():
@@ -551,7 +551,7 @@ def test_training_with_grounding_logs_both_terms(tmp_path):
     row = next(r for r in rows if r.get("stage") == "unet")
     assert 0 < row["ground"] <= 1 and 0 < row["sink"] <= 1
     saved = json.loads((tmp_path / "model" / "attnedit.json").read_text())["trained"]
-    assert saved["ground_weight"] == 0.1 and saved["sink_weight"] == 0.05
+    assert saved["ground_weight"] == 0.1 and saved["sink_weight"] == 0.05 and saved["summary_drop"] == 0.5
     # the VAE's loss comes with it from the folder it was taken from (strict JSON: never NaN)
     shipped = json.loads((shapes / "attnedit.json").read_text())["trained"]
     assert saved["vae_loss"] == shipped["vae_loss"]

@@ -366,7 +366,7 @@ def read_vae_init(path: str | os.PathLike) -> dict:
         from diffusers import AutoencoderKL
 
         settings = Path(path, "attnedit.json")
-        trained = json.loads(settings.read_text()).get("trained", {}) if settings.is_file() else {}
+        trained = (json.loads(settings.read_text()).get("trained") or {}) if settings.is_file() else {}
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).state_dict()
         return {"vae": vae, **({"vae_loss": trained["vae_loss"]} if trained.get("vae_loss") is not None else {})}
     return torch.load(path, weights_only=False)
@@ -529,6 +529,7 @@ def run(args: argparse.Namespace) -> int:
         probe = gr.install(unet)
         mask_cache: dict[int, np.ndarray] = {}
     ground_ema = sink_ema = 0.0
+    empty = None
     alphas = sched.alphas_cumprod
     loss_ema = None
     bar = tqdm(range(start, args.steps), desc="unet", mininterval=5, initial=start, total=args.steps)
@@ -549,7 +550,9 @@ def run(args: argparse.Namespace) -> int:
         token_ids = tokenize(tok, caps)
         ehs = text(token_ids)[0]
         if args.summary_drop > 0:
-            ehs = drop_summary(ehs, token_ids, text(tokenize(tok, [""]))[0], tok.eos_token_id, args.summary_drop, gen)
+            if empty is None or not frozen_text:  # a frozen encoder's empty caption is encoded once
+                empty = text(tokenize(tok, [""]))[0]
+            ehs = drop_summary(ehs, token_ids, empty, tok.eos_token_id, args.summary_drop, gen)
         pred = unet(zt, t, encoder_hidden_states=ehs).sample
         weight = min_snr_weights(alphas, t, args.min_snr)
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
