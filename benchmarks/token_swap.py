@@ -58,10 +58,10 @@ def splice(words_from: torch.Tensor, end_from: torch.Tensor, end: int) -> torch.
 @torch.no_grad()
 def encode(pipe, caption: str) -> tuple[torch.Tensor, int]:
     """The text encoder's states of `caption` (padded as the pipeline pads) and its end token's position."""
-    tok = pipe.tokenizer
-    ids = tok([caption], padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0], int((ids[0] == tok.eos_token_id).int().argmax())
+    from attnedit.testbed.train import tokenize
+
+    ids = tokenize(pipe.tokenizer, [caption])  # padded to the full length, as the pipeline and training pad
+    return pipe.text_encoder(ids)[0], int((ids[0] == pipe.tokenizer.eos_token_id).int().argmax())
 
 
 def main(argv: list[str] | None = None) -> int:
