@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from report import Report
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,13 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     radius = int(args.radius) if float(args.radius).is_integer() else args.radius
     df = args.down_factor or None
-    lines: list[str] = []
-
-    def log(s: str) -> None:
-        print(s, flush=True)
-        lines.append(s)
-
-    cmd = "python benchmarks/quality_clear.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    log = Report("quality_clear.py", argv)
+    cmd = log.command
     log(f"# CLEAR distillation on `{args.model}` ({_dt.date.today().isoformat()})\n")
     log(f"- command: `{cmd}`")
     log(f"- {args.size}x{args.size} px, radius {radius}, down_factor {df}, {args.steps} steps (AdamW lr {args.lr}), "
@@ -166,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             first, last = statistics.mean(res.losses[:10]), statistics.mean(res.losses[-10:])
             log(f"| distilled student (loss {first:.4f} -> {last:.4f}) | {weights} | {err:.4f} | {p:.2f} | {s:.4f} "
                 f"| {ok:.0%} | {secs:.0f} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    log.save(args.out)
     return 0
 
 

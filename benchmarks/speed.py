@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import Report
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -390,13 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads)
-    lines: list[str] = []
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
-
-    cmd = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    log = Report("speed.py", argv)
+    cmd = log.command
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     log(f"# attnedit speed: plain vs ToDo / Agent / CLEAR ({_dt.date.today().isoformat()})\n")
     log(f"- command: `{cmd}`")
@@ -421,9 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         log("| method | PSNR dB | SSIM | images | identical |\n|---|---|---|---|---|")
         for r in fidelity_rows(args.fidelity, seeds=args.fidelity_seeds, steps=args.fidelity_steps):
             log(f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['n']} | {r['identical']} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    log.save(args.out)
     return 0
 
 

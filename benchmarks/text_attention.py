@@ -29,13 +29,13 @@ import itertools
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from report import Report
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = 16
@@ -181,13 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                         m = maps[word].numpy()
                         ratios[key].append(float(m[inside].mean() / max(m[~inside].mean(), 1e-12)))
 
-    lines: list[str] = []
-
-    def log(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
-    cmd = "python benchmarks/text_attention.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    log = Report("text_attention.py", argv)
+    cmd = log.command
     n_images = sum(len(v) for v in shares.values())
     log(f"# Text-side attention of `{args.model}` ({_dt.date.today().isoformat()}, CPU)\n")
     log(f"- command: `{cmd}`")
@@ -214,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "| >= 40 % |")
     log("\nSingle-object misses by kind: " + ", ".join(f"{k} {v}" for k, v in misses.items()))
     log("Two-object prompts, missing objects by kind: " + ", ".join(f"{k} {v}" for k, v in pair_misses.items()))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    log.save(args.out)
     return 0
 
 

@@ -25,13 +25,13 @@ import datetime as _dt
 import itertools
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from report import Report
 
 VARIANTS = ("A", "words A, end B", "words A, end empty")
 COLUMNS = ("shape A", "shape B", "colour A", "colour B")
@@ -104,13 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             c["colour A"] += any(d.colour == a[0] for d in found)
             c["colour B"] += any(d.colour == b[0] for d in found)
 
-    lines: list[str] = []
-
-    def log(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
-    cmd = "python benchmarks/token_swap.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    log = Report("token_swap.py", argv)
+    cmd = log.command
     log(f"# Which tokens carry the object: `{args.model}` ({_dt.date.today().isoformat()}, CPU)\n")
     log(f"- command: `{cmd}`")
     log(f"- {args.pairs} caption pairs x {args.seeds} seeds = {n} images per row; stock `StableDiffusionPipeline`, "
@@ -119,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     log("|---" * (len(COLUMNS) + 1) + "|")
     for name, c in counts.items():
         log(f"| {name} | " + " | ".join(f"{c[k] / n:.2f}" for k in COLUMNS) + " |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    log.save(args.out)
     return 0
 
 

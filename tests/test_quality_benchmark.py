@@ -158,3 +158,18 @@ def test_text_attention_tells_how_a_requested_object_is_missing(load_benchmark):
                                                                                               red_star)
     assert ta.pair_miss(wanted, other, [Detection("star", "green", box, 0.1)]) == (ta.PAIR_MISSES[3], None)
     assert ta.pair_miss(wanted, other, []) == (ta.PAIR_MISSES[3], None)
+
+
+def test_benchmark_report_prints_keeps_and_writes_the_same_lines(tmp_path, capsys, load_benchmark):
+    report = load_benchmark("report")
+    log = report.Report("demo.py", ["--seeds", "2"])
+    assert log.command == "python benchmarks/demo.py --seeds 2"
+    log("# title\n")
+    log()
+    log("| a | b |")
+    assert capsys.readouterr().out == "# title\n\n\n| a | b |\n"
+    log.save(None)  # no --out: nothing written
+    assert not any(tmp_path.iterdir())
+    out = tmp_path / "sub" / "r.md"
+    log.save(str(out))
+    assert out.read_text() == "# title\n\n\n| a | b |\n"
