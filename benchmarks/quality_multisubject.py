@@ -182,6 +182,7 @@ def evaluate(
     requests = requests if requests is not None else prompts()
     detect = detect or testbed_detector()
     per: dict[str, dict[tuple[int, int], dict[str, float | None]]] = {m: {} for m in methods}
+    drawn: dict[str, dict[tuple[int, int, int], str]] = {m: {} for m in methods}
     seconds: dict[str, float] = {m: 0.0 for m in methods}
     for m in methods:
         for pi, objects in enumerate(requests):
@@ -200,10 +201,57 @@ def evaluate(
                 images.extend(out.images)
             seconds[m] += time.perf_counter() - t0
             for s, img in zip(seeds, images):
-                per[m][(pi, s)] = score(objects, detect(img))
+                found = detect(img)
+                per[m][(pi, s)] = score(objects, found)
+                drawn[m].update(outcomes(pi, s, objects, found))
         if log:
             log(f"{m}: {len(requests) * len(seeds)} images in {seconds[m]:.0f} s")
-    return summarise(per, seeds, seconds)
+    summary = summarise(per, seeds, seconds)
+    for m, row in summary.items():
+        if m != "plain" and "plain" in drawn:
+            row["from_plain"] = from_plain(drawn["plain"], drawn[m])
+    return summary
+
+
+def outcomes(pi: int, seed: int, objects: Sequence[tuple[str, str]], found: list) -> dict[tuple[int, int, int], str]:
+    """Per requested object of a two-object prompt: present, or how it is missing (`detector.pair_outcome`)."""
+    from attnedit.testbed.detector import pair_outcome
+
+    if len(objects) != 2:
+        return {}
+    return {(pi, seed, i): pair_outcome(tuple(obj), objects[1 - i][0], found) for i, obj in enumerate(objects)}
+
+
+def from_plain(plain: dict, other: dict) -> dict[str, tuple[int, int]]:
+    """For each way plain drew a requested object (present, or a kind of miss): how many objects, and how many of
+    them the other method, from the same seed, draws with the right shape and colour. This is what a method fixes
+    and what it breaks: A&E is built for the "neither" row (nothing of the object drawn)."""
+    from attnedit.testbed.detector import PAIR_MISSES, PRESENT
+
+    counts = {k: [0, 0] for k in (PRESENT, *PAIR_MISSES)}
+    for key, kind in plain.items():
+        if key in other:
+            counts[kind][0] += 1
+            counts[kind][1] += other[key] == PRESENT
+    return {k: (n, hit) for k, (n, hit) in counts.items()}
+
+
+def from_plain_table(summary: dict[str, dict[str, object]]) -> str:
+    """`from_plain` of every method as one table (empty when there are no two-object prompts)."""
+    methods = [m for m, r in summary.items() if r.get("from_plain")]
+    if not methods:
+        return ""
+    kinds = list(summary[methods[0]]["from_plain"])
+    lines = ["| what plain drew for a requested object | objects | " + " | ".join(f"{m} draws it" for m in methods)
+             + " |", "|---|---|" + "---|" * len(methods)]
+    for k in kinds:
+        n = summary[methods[0]]["from_plain"][k][0]
+        cells = []
+        for m in methods:
+            total, hit = summary[m]["from_plain"][k]
+            cells.append(f"{hit} ({hit / total:.0%})" if total else "-")
+        lines.append(f"| {k} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 METRICS = ("recall", "shape_recall", "binding", "layout_iou")
@@ -292,6 +340,10 @@ def main() -> None:
             f"{len(requests)} prompts ({args.pairs} pairs, {args.triples} triples) x {args.seeds} seeds, "
             f"{args.steps} steps, CFG {args.guidance}{opts}; in brackets: paired difference to plain ± its standard "
             f"error over seeds. Total {time.perf_counter() - t0:.0f} s.\n\n" + table(summary) + "\n")
+    moves = from_plain_table(summary)
+    if moves:
+        text += ("\nTwo-object prompts, per requested object: how plain drew it (`detector.pair_outcome`) and how "
+                 "often each method, from the same seed, draws it right:\n\n" + moves + "\n")
     print(text)
     if args.out:
         with open(args.out, "w") as f:

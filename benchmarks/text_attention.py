@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from report import Report
 
+from attnedit.testbed.detector import PAIR_MISSES, pair_miss
+
 ROOT = Path(__file__).resolve().parents[1]
 GRID = 16
 KINDS = ("start", "article / and", "count", "colour", "shape noun", "relation", "end", "padding (after end)")
@@ -68,8 +70,6 @@ def word_kind(word: str) -> str:
 
 
 MISSES = ("right shape, wrong colour", "right colour, wrong shape", "neither")
-PAIR_MISSES = ("its shape in another colour", "its colour on the other requested shape",
-               "its colour in a shape not asked for", "neither")
 WRONG_SHAPE = "a missing object's noun, on its colour in a shape not asked for"
 
 
@@ -81,25 +81,6 @@ def single_miss(wanted: tuple[str, str], found: list) -> str:
     if any(d.colour == colour for d in found):
         return MISSES[1]
     return MISSES[2]
-
-
-def pair_miss(wanted: tuple[str, str], other_shape: str, found: list):
-    """How a two-object prompt's requested (shape, colour) is missing, and the object drawn in its place.
-
-    Its colour on the other requested shape is a binding leak (the other noun's object took the colour); its
-    colour in a shape nobody asked for is a stand-in whose shape is wrong, the kind a noun's map can mark
-    while the object is missing. Returns (kind, stand-in detection or None); only the last two kinds of
-    colour match have one.
-    """
-    shape, colour = wanted
-    if any(d.shape == shape for d in found):
-        return PAIR_MISSES[0], None
-    third = [d for d in found if d.colour == colour and d.shape != other_shape]
-    if third:
-        return PAIR_MISSES[2], third[0]
-    if any(d.colour == colour for d in found):
-        return PAIR_MISSES[1], None
-    return PAIR_MISSES[3], None
 
 
 def token_shares(store, sample: int = 0) -> dict[str, float]:

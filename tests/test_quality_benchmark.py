@@ -160,6 +160,28 @@ def test_text_attention_tells_how_a_requested_object_is_missing(load_benchmark):
     assert ta.pair_miss(wanted, other, []) == (ta.PAIR_MISSES[3], None)
 
 
+def test_quality_multisubject_counts_what_a_method_fixes_and_breaks(load_benchmark):
+    from attnedit.testbed.detector import PAIR_MISSES, PRESENT, Detection, pair_outcome
+
+    qm = load_benchmark("quality_multisubject")
+    box = (0.1, 0.1, 0.4, 0.4)
+    objects = [("circle", "red"), ("square", "blue")]
+    red_circle, blue_square = Detection("circle", "red", box, 0.1), Detection("square", "blue", box, 0.1)
+    red_star = Detection("star", "red", box, 0.1)
+    assert pair_outcome(("circle", "red"), "square", [red_circle]) == PRESENT
+    plain = {**qm.outcomes(0, 0, objects, [red_star, blue_square]), **qm.outcomes(0, 1, objects, [])}
+    assert plain == {(0, 0, 0): PAIR_MISSES[2], (0, 0, 1): PRESENT, (0, 1, 0): PAIR_MISSES[3],
+                     (0, 1, 1): PAIR_MISSES[3]}
+    # the method fixes the stand-in and one absent object, and loses the square plain drew on seed 0
+    method = {**qm.outcomes(0, 0, objects, [red_circle]), **qm.outcomes(0, 1, objects, [blue_square])}
+    moves = qm.from_plain(plain, method)
+    assert moves[PRESENT] == (1, 0) and moves[PAIR_MISSES[2]] == (1, 1) and moves[PAIR_MISSES[3]] == (2, 1)
+    assert moves[PAIR_MISSES[0]] == (0, 0)
+    assert qm.outcomes(0, 0, objects + [("star", "green")], []) == {}  # three-object prompts are not split
+    text = qm.from_plain_table({"plain": {}, "A&E": {"from_plain": moves}})
+    assert "| neither | 2 | 1 (50%) |" in text and f"| {PAIR_MISSES[0]} | 0 | - |" in text
+
+
 def test_benchmark_report_prints_keeps_and_writes_the_same_lines(tmp_path, capsys, load_benchmark):
     report = load_benchmark("report")
     log = report.Report("demo.py", ["--seeds", "2"])

@@ -222,6 +222,36 @@ def all_present(prompt: str | ParsedPrompt, found: list[Detection]) -> bool:
     return object_recall(prompt, found) == 1.0
 
 
+PAIR_MISSES = ("its shape in another colour", "its colour on the other requested shape",
+               "its colour in a shape not asked for", "neither")
+PRESENT = "present"
+
+
+def pair_miss(wanted: tuple[str, str], other_shape: str, found: list[Detection]):
+    """How a two-object prompt's requested (shape, colour), not found, is missing, and what stands in for it.
+
+    Its colour on the other requested shape is a binding leak (the other noun's object took the colour); its
+    colour in a shape nobody asked for is a stand-in whose shape is wrong, the kind a noun's map can mark
+    while the object is missing. Returns (kind, stand-in detection or None); only the third kind has one.
+    """
+    shape, colour = wanted
+    if any(d.shape == shape for d in found):
+        return PAIR_MISSES[0], None
+    third = [d for d in found if d.colour == colour and d.shape != other_shape]
+    if third:
+        return PAIR_MISSES[2], third[0]
+    if any(d.colour == colour for d in found):
+        return PAIR_MISSES[1], None
+    return PAIR_MISSES[3], None
+
+
+def pair_outcome(wanted: tuple[str, str], other_shape: str, found: list[Detection]) -> str:
+    """`PRESENT` when the requested (shape, colour) is found, else its `pair_miss` kind."""
+    if any(d.label == wanted for d in found):
+        return PRESENT
+    return pair_miss(wanted, other_shape, found)[0]
+
+
 def attribute_binding(prompt: str | ParsedPrompt, found: list[Detection]) -> float | None:
     """Of the requested shapes that appear, the share drawn in the requested colour.
 
