@@ -3,11 +3,12 @@
     python benchmarks/quality.py --model shapes-sd --seeds 8 --steps 25 --out benchmarks/results/quality
 
 Prompt sets live in `assets/testbed/prompts/` (single.json, multi.json, edit.json, fast.json).
-Sections (each skipped with a note when its method is not in this build):
+Sections:
 - plain:   the model itself. Single objects: shape and colour right (target >= 90 %); two and
            three objects: all present, attribute binding (the failure modes the methods target);
-- multi:   plain / Attend-and-Excite / A-STAR / Bounded Attention on multi.json: object recall,
-           attribute binding, layout IoU against the boxes (`benchmarks/quality_multisubject.py`);
+- multi:   plain / Attend-and-Excite / A-STAR / Bounded Attention / diffusers' own A&E pipeline on
+           multi.json: object recall, attribute binding, layout IoU against the boxes
+           (`benchmarks/quality_multisubject.py`);
 - masactrl: identity kept between a source and its edits vs independent generation with the same
            seeds, and the inversion round trip (`benchmarks/quality_masactrl.py`);
 - fast:    PSNR/SSIM of ToDo / Agent / CLEAR final images against full attention
@@ -92,8 +93,7 @@ def multi_section(pipe, seeds, steps, guidance, quick) -> tuple[str, dict]:
 
     data = load_prompts("multi")
     requests = [[tuple(o) for o in r] for r in data["requests"]]
-    methods = [m for m in qm.METHODS if m == "plain" or _method_available(m)]
-    summary = qm.evaluate(pipe, methods=methods, requests=requests[:1] if quick else requests, seeds=seeds,
+    summary = qm.evaluate(pipe, methods=qm.METHODS, requests=requests[:1] if quick else requests, seeds=seeds,
                           steps=steps, guidance=guidance)
     return qm.table(summary), summary
 
@@ -121,30 +121,17 @@ def fast_section(pipe, seeds, steps, guidance, quick) -> tuple[str, dict]:
     return table, {"rows": rows}
 
 
-def _method_available(label: str) -> bool:
-    names = {"A&E": "AttendExcite", "A-STAR": "AStar", "Bounded": "BoundedAttention"}
-    try:
-        getattr(attnedit, names.get(label, label))
-        return True
-    except AttributeError:
-        return False
-
-
-SECTIONS = {
-    "plain": (plain_section, None),
-    "multi": (multi_section, "AttendExcite"),
-    "masactrl": (masactrl_section, "MasaCtrl"),
-    "fast": (fast_section, "ToDo"),
-}
+SECTIONS = {"plain": plain_section, "multi": multi_section, "masactrl": masactrl_section, "fast": fast_section}
 
 
 def figure(pipe, steps: int, guidance: float, seed: int, path: Path, n_prompts: int = 4) -> None:
-    """Example images: plain vs each available multi-subject method, one column per prompt."""
+    """Example images: plain vs each of attnedit's multi-subject methods, one column per prompt (diffusers' own
+    A&E pipeline has a row in the table, not here)."""
     import quality_multisubject as qm
 
     data = load_prompts("multi")
     requests = [[tuple(o) for o in r] for r in data["requests"]][:n_prompts]
-    methods = [m for m in qm.METHODS if m == "plain" or _method_available(m)]
+    methods = [m for m in qm.METHODS if m != "diffusers A&E"]
     tile, label_w = 96, 90
     canvas = Image.new("RGB", (label_w + tile * len(requests), (tile + 14) * len(methods) + 14), "white")
     draw = ImageDraw.Draw(canvas)
@@ -187,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{' --quick' if args.quick else ''}` · guidance {guidance} · seeds 0..{len(seeds) - 1}\n"]
     results: dict[str, object] = {}
     for name in wanted:
-        fn, needs = SECTIONS[name]
-        if needs is not None and not _method_available(needs):
-            parts.append(f"## {name}\n\nskipped: `attnedit.{needs}` is not in this build yet.\n")
-            continue
+        fn = SECTIONS[name]
         t0 = time.time()
         table, numbers = fn(pipe, seeds, steps, guidance, args.quick)
         results[name] = numbers

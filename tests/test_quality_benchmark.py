@@ -18,7 +18,7 @@ def test_quality_benchmark_quick_run_writes_every_section(tmp_path, load_benchma
     assert results["plain"]["single object"]["n"] == 1
     assert 0.0 <= results["plain"]["single object"]["all_present"] <= 1.0
     # every multi-subject method produced a row for the one request
-    assert {"plain", "A&E", "A-STAR", "Bounded"} <= set(results["multi"])
+    assert {"plain", "A&E", "A-STAR", "Bounded", "diffusers A&E"} <= set(results["multi"])
     assert 0.0 <= results["masactrl"]["round_trip"]["objects_read_back"] <= 1.0  # the detector read the round trip
     assert out.with_suffix(".png").stat().st_size > 0
 
