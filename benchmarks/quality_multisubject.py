@@ -210,7 +210,17 @@ def evaluate(
     for m, row in summary.items():
         if m != "plain" and "plain" in drawn:
             row["from_plain"] = from_plain(drawn["plain"], drawn[m])
+    if "plain" in drawn and len(seeds) > 1:
+        summary["plain"]["from_plain"] = from_plain(drawn["plain"], next_seed(drawn["plain"], seeds))
     return summary
+
+
+def next_seed(drawn: dict[tuple[int, int, int], str], seeds: Sequence[int]) -> dict[tuple[int, int, int], str]:
+    """The control for `from_plain`: each object as plain drew it from the next seed (the last seed wraps to the
+    first), i.e. what new starting noise alone fixes and breaks."""
+    order = list(seeds)
+    nxt = dict(zip(order, order[1:] + order[:1]))
+    return {(pi, s, i): drawn[(pi, nxt[s], i)] for pi, s, i in drawn}
 
 
 def outcomes(pi: int, seed: int, objects: Sequence[tuple[str, str]], found: list) -> dict[tuple[int, int, int], str]:
@@ -242,7 +252,9 @@ def from_plain_table(summary: dict[str, dict[str, object]]) -> str:
     if not methods:
         return ""
     kinds = list(summary[methods[0]]["from_plain"])
-    lines = ["| what plain drew for a requested object | objects | " + " | ".join(f"{m} draws it" for m in methods)
+    label = {"plain": "plain, next seed, draws it"}
+    lines = ["| what plain drew for a requested object | objects | "
+             + " | ".join(label.get(m, f"{m} draws it") for m in methods)
              + " |", "|---|---|" + "---|" * len(methods)]
     for k in kinds:
         n = summary[methods[0]]["from_plain"][k][0]
@@ -343,7 +355,8 @@ def main() -> None:
     moves = from_plain_table(summary)
     if moves:
         text += ("\nTwo-object prompts, per requested object: how plain drew it (`detector.pair_outcome`) and how "
-                 "often each method, from the same seed, draws it right:\n\n" + moves + "\n")
+                 "often each method, from the same seed, draws it right (the control: plain itself from the next "
+                 "seed, what new starting noise alone fixes and breaks):\n\n" + moves + "\n")
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -177,9 +177,14 @@ def test_quality_multisubject_counts_what_a_method_fixes_and_breaks(load_benchma
     moves = qm.from_plain(plain, method)
     assert moves[PRESENT] == (1, 0) and moves[PAIR_MISSES[2]] == (1, 1) and moves[PAIR_MISSES[3]] == (2, 1)
     assert moves[PAIR_MISSES[0]] == (0, 0)
-    assert qm.outcomes(0, 0, objects + [("star", "green")], []) == {}  # three-object prompts are not split
-    text = qm.from_plain_table({"plain": {}, "A&E": {"from_plain": moves}})
-    assert "| neither | 2 | 1 (50%) |" in text and f"| {PAIR_MISSES[0]} | 0 | - |" in text
+    assert qm.outcomes(0, 0, [*objects, ("star", "green")], []) == {}  # three-object prompts are not split
+    # the control: plain from the next seed (seed 1 -> 0, wrapping): the stand-in stays missing, one absent object
+    # of seed 1 comes back as seed 0's present square
+    again = qm.from_plain(plain, qm.next_seed(plain, [0, 1]))
+    assert again[PAIR_MISSES[3]] == (2, 1) and again[PRESENT] == (1, 0) and again[PAIR_MISSES[2]] == (1, 0)
+    text = qm.from_plain_table({"plain": {"from_plain": again}, "A&E": {"from_plain": moves}})
+    assert "| what plain drew for a requested object | objects | plain, next seed, draws it | A&E draws it |" in text
+    assert "| neither | 2 | 1 (50%) | 1 (50%) |" in text and f"| {PAIR_MISSES[0]} | 0 | - | - |" in text
 
 
 def test_benchmark_report_prints_keeps_and_writes_the_same_lines(tmp_path, capsys, load_benchmark):
