@@ -93,9 +93,17 @@ def multi_section(pipe, seeds, steps, guidance, quick) -> tuple[str, dict]:
 
     data = load_prompts("multi")
     requests = [[tuple(o) for o in r] for r in data["requests"]]
-    summary = qm.evaluate(pipe, methods=qm.METHODS, requests=requests[:1] if quick else requests, seeds=seeds,
+    methods = [m for m in qm.METHODS if m != "diffusers A&E" or qm.diffusers_ae_supported(pipe)]
+    summary = qm.evaluate(pipe, methods=methods, requests=requests[:1] if quick else requests, seeds=seeds,
                           steps=steps, guidance=guidance)
-    return qm.table(summary), summary
+    text = qm.table(summary)
+    if "diffusers A&E" not in methods:
+        text += (f"\n\n(diffusers' own A&E pipeline is for Stable Diffusion only; not run on a "
+                 f"{type(pipe.pipe).__name__})")
+    moves = qm.from_plain_table(summary)
+    if moves:
+        text += "\n\nPer requested object of the two-object prompts, against plain from the same seed:\n\n" + moves
+    return text, summary
 
 
 def masactrl_section(pipe, seeds, steps, guidance, quick) -> tuple[str, dict]:

@@ -106,6 +106,13 @@ def diffusers_ae_pipeline(base):
     return ae
 
 
+def diffusers_ae_supported(pipe: attnedit.EditPipeline) -> bool:
+    """diffusers' A&E pipeline exists for Stable Diffusion 1.x/2.x only (shapes-sd, shapes-sd-clip)."""
+    from diffusers import StableDiffusionPipeline
+
+    return isinstance(pipe.pipe, StableDiffusionPipeline)
+
+
 def diffusers_ae(pipe: attnedit.EditPipeline, text: str, objects: Sequence[tuple[str, str]], seeds: list[int],
                  steps: int, guidance: float, options: dict | None = None) -> list:
     """Images of diffusers' `StableDiffusionAttendAndExcitePipeline` on the model's components, from the same
@@ -180,6 +187,9 @@ def evaluate(
     to extra keyword arguments of its control."""
     options = options or {}
     requests = requests if requests is not None else prompts()
+    if "diffusers A&E" in methods and not diffusers_ae_supported(pipe):
+        raise ValueError(f"'diffusers A&E' runs diffusers' StableDiffusionAttendAndExcitePipeline, which needs a "
+                         f"Stable Diffusion 1.x/2.x model, not a {type(pipe.pipe).__name__}; leave it out")
     detect = detect or testbed_detector()
     per: dict[str, dict[tuple[int, int], dict[str, float | None]]] = {m: {} for m in methods}
     drawn: dict[str, dict[tuple[int, int, int], str]] = {m: {} for m in methods}
@@ -219,35 +229,48 @@ def next_seed(drawn: dict[tuple[int, int, int], str], seeds: Sequence[int]) -> d
     """The control for `from_plain`: each object as plain drew it from the next seed (the last seed wraps to the
     first), i.e. what new starting noise alone fixes and breaks."""
     order = list(seeds)
+    if len(order) < 2:
+        raise ValueError(f"next_seed needs at least 2 seeds, got {order}")
     nxt = dict(zip(order, order[1:] + order[:1]))
     return {(pi, s, i): drawn[(pi, nxt[s], i)] for pi, s, i in drawn}
 
 
 def outcomes(pi: int, seed: int, objects: Sequence[tuple[str, str]], found: list) -> dict[tuple[int, int, int], str]:
-    """Per requested object of a two-object prompt: present, or how it is missing (`detector.pair_outcome`)."""
+    """Per requested object of a two-object prompt: present, or how it is missing (`detector.pair_outcome`, whose
+    kinds assume the two objects differ in shape and in colour, as `prompts()` makes them)."""
     from attnedit.testbed.detector import pair_outcome
 
     if len(objects) != 2:
         return {}
+    if objects[0][0] == objects[1][0] or objects[0][1] == objects[1][1]:
+        raise ValueError(f"the per-object table needs two objects of different shapes and colours, got {objects}")
     return {(pi, seed, i): pair_outcome(tuple(obj), objects[1 - i][0], found) for i, obj in enumerate(objects)}
 
 
-def from_plain(plain: dict, other: dict) -> dict[str, tuple[int, int]]:
-    """For each way plain drew a requested object (present, or a kind of miss): how many objects, and how many of
-    them the other method, from the same seed, draws with the right shape and colour. This is what a method fixes
-    and what it breaks: A&E is built for the "neither" row (nothing of the object drawn)."""
+def from_plain(plain: dict, other: dict) -> dict[str, tuple[int, int, int]]:
+    """For each way plain drew a requested object (present, or a kind of miss): how many objects, how many of them
+    the other method, from the same seed, draws with the right shape and colour, and how many it draws the same
+    way as plain (for a miss: missing in the same way, e.g. the same wrong-shape stand-in kind). This is what a
+    method fixes, breaks and keeps: A&E is built for the "neither" row (nothing of the object drawn). Empty when
+    there are no two-object prompts."""
     from attnedit.testbed.detector import PAIR_MISSES, PRESENT
 
-    counts = {k: [0, 0] for k in (PRESENT, *PAIR_MISSES)}
+    counts = {k: [0, 0, 0] for k in (PRESENT, *PAIR_MISSES)}
     for key, kind in plain.items():
         if key in other:
             counts[kind][0] += 1
             counts[kind][1] += other[key] == PRESENT
-    return {k: (n, hit) for k, (n, hit) in counts.items()}
+            counts[kind][2] += other[key] == kind
+    if not any(n for n, _, _ in counts.values()):
+        return {}
+    return {k: (n, hit, same) for k, (n, hit, same) in counts.items()}
 
 
 def from_plain_table(summary: dict[str, dict[str, object]]) -> str:
-    """`from_plain` of every method as one table (empty when there are no two-object prompts)."""
+    """`from_plain` of every method as one table (empty when there are no two-object prompts). A cell: how many
+    of the row's objects the method draws right, and for a miss how many stay missing the same way."""
+    from attnedit.testbed.detector import PRESENT
+
     methods = [m for m, r in summary.items() if r.get("from_plain")]
     if not methods:
         return ""
@@ -260,8 +283,11 @@ def from_plain_table(summary: dict[str, dict[str, object]]) -> str:
         n = summary[methods[0]]["from_plain"][k][0]
         cells = []
         for m in methods:
-            total, hit = summary[m]["from_plain"][k]
-            cells.append(f"{hit} ({hit / total:.0%})" if total else "-")
+            total, hit, same = summary[m]["from_plain"][k]
+            cell = f"{hit} ({hit / total:.0%})" if total else "-"
+            if total and k != PRESENT:
+                cell += f"; same miss {same} ({same / total:.0%})"
+            cells.append(cell)
         lines.append(f"| {k} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 
 def test_quality_benchmark_quick_run_writes_every_section(tmp_path, load_benchmark):
@@ -174,17 +175,51 @@ def test_quality_multisubject_counts_what_a_method_fixes_and_breaks(load_benchma
                      (0, 1, 1): PAIR_MISSES[3]}
     # the method fixes the stand-in and one absent object, and loses the square plain drew on seed 0
     method = {**qm.outcomes(0, 0, objects, [red_circle]), **qm.outcomes(0, 1, objects, [blue_square])}
-    moves = qm.from_plain(plain, method)
-    assert moves[PRESENT] == (1, 0) and moves[PAIR_MISSES[2]] == (1, 1) and moves[PAIR_MISSES[3]] == (2, 1)
-    assert moves[PAIR_MISSES[0]] == (0, 0)
+    moves = qm.from_plain(plain, method)  # (objects, drawn right, drawn the same way as plain)
+    assert moves[PRESENT] == (1, 0, 0) and moves[PAIR_MISSES[2]] == (1, 1, 0) and moves[PAIR_MISSES[3]] == (2, 1, 1)
+    assert moves[PAIR_MISSES[0]] == (0, 0, 0)
     assert qm.outcomes(0, 0, [*objects, ("star", "green")], []) == {}  # three-object prompts are not split
+    assert qm.from_plain({}, {}) == {}
+    with pytest.raises(ValueError, match="different shapes and colours"):
+        qm.outcomes(0, 0, [("circle", "red"), ("square", "red")], [])
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        qm.next_seed(plain, [0])
     # the control: plain from the next seed (seed 1 -> 0, wrapping): the stand-in stays missing, one absent object
     # of seed 1 comes back as seed 0's present square
     again = qm.from_plain(plain, qm.next_seed(plain, [0, 1]))
-    assert again[PAIR_MISSES[3]] == (2, 1) and again[PRESENT] == (1, 0) and again[PAIR_MISSES[2]] == (1, 0)
+    assert again[PAIR_MISSES[3]] == (2, 1, 0) and again[PRESENT] == (1, 0, 0) and again[PAIR_MISSES[2]] == (1, 0, 0)
     text = qm.from_plain_table({"plain": {"from_plain": again}, "A&E": {"from_plain": moves}})
     assert "| what plain drew for a requested object | objects | plain, next seed, draws it | A&E draws it |" in text
-    assert "| neither | 2 | 1 (50%) | 1 (50%) |" in text and f"| {PAIR_MISSES[0]} | 0 | - | - |" in text
+    assert "| neither | 2 | 1 (50%); same miss 0 (0%) | 1 (50%); same miss 1 (50%) |" in text
+    assert f"| {PAIR_MISSES[0]} | 0 | - | - |" in text and "| present | 1 | 0 (0%) | 0 (0%) |" in text
+
+
+def test_quality_multisubject_evaluate_attaches_the_per_object_table_and_its_control(load_benchmark):
+    """`evaluate` pairs each method's objects with plain's from the same seed, and plain with itself from the next
+    seed (a stub pipeline and detector: the image is (guided?, seed) and the detector reads a fixed scene)."""
+    from types import SimpleNamespace
+
+    from attnedit.testbed.detector import PAIR_MISSES, PRESENT, Detection
+
+    qm = load_benchmark("quality_multisubject")
+    box = (0.1, 0.1, 0.4, 0.4)
+    red_circle, red_star, blue_square = (Detection(s, c, box, 0.1) for s, c in
+                                         (("circle", "red"), ("star", "red"), ("square", "blue")))
+    scenes = {(False, 0): [red_circle, blue_square], (False, 1): [red_star, blue_square],
+              (True, 0): [], (True, 1): [red_circle, blue_square]}
+
+    def pipe(text, controls, seed, num_images, steps, guidance):
+        return SimpleNamespace(images=[(bool(controls), s) for s in seed])
+
+    summary = qm.evaluate(pipe, methods=["plain", "A&E"], requests=[[("circle", "red"), ("square", "blue")]],
+                          seeds=[0, 1], steps=2, detect=lambda image: scenes[image])
+    # A&E loses both objects of seed 0, keeps seed 1's square and turns its red star into the red circle
+    assert summary["A&E"]["from_plain"][PRESENT] == (3, 1, 1)
+    assert summary["A&E"]["from_plain"][PAIR_MISSES[2]] == (1, 1, 0)
+    # plain from the next seed: seed 0's circle is seed 1's star (lost), both squares stay, the star becomes a circle
+    assert summary["plain"]["from_plain"][PRESENT] == (3, 2, 2)
+    assert summary["plain"]["from_plain"][PAIR_MISSES[2]] == (1, 1, 0)
+    assert summary["A&E"]["recall"] == 0.5 and summary["plain"]["recall"] == 0.75
 
 
 def test_benchmark_report_prints_keeps_and_writes_the_same_lines(tmp_path, capsys, load_benchmark):
