@@ -187,6 +187,8 @@ def evaluate(
     to extra keyword arguments of its control."""
     options = options or {}
     requests = requests if requests is not None else prompts()
+    for objects in requests:  # before any image is generated
+        check_pair(objects)
     if "diffusers A&E" in methods and not diffusers_ae_supported(pipe):
         raise ValueError(f"'diffusers A&E' runs diffusers' StableDiffusionAttendAndExcitePipeline, which needs a "
                          f"Stable Diffusion 1.x/2.x model, not a {type(pipe.pipe).__name__}; leave it out")
@@ -235,6 +237,12 @@ def next_seed(drawn: dict[tuple[int, int, int], str], seeds: Sequence[int]) -> d
     return {(pi, s, i): drawn[(pi, nxt[s], i)] for pi, s, i in drawn}
 
 
+def check_pair(objects: Sequence[tuple[str, str]]) -> None:
+    """The per-object kinds need a two-object request's objects to differ in shape and in colour."""
+    if len(objects) == 2 and (objects[0][0] == objects[1][0] or objects[0][1] == objects[1][1]):
+        raise ValueError(f"the per-object table needs two objects of different shapes and colours, got {objects}")
+
+
 def outcomes(pi: int, seed: int, objects: Sequence[tuple[str, str]], found: list) -> dict[tuple[int, int, int], str]:
     """Per requested object of a two-object prompt: present, or how it is missing (`detector.pair_outcome`, whose
     kinds assume the two objects differ in shape and in colour, as `prompts()` makes them)."""
@@ -242,8 +250,7 @@ def outcomes(pi: int, seed: int, objects: Sequence[tuple[str, str]], found: list
 
     if len(objects) != 2:
         return {}
-    if objects[0][0] == objects[1][0] or objects[0][1] == objects[1][1]:
-        raise ValueError(f"the per-object table needs two objects of different shapes and colours, got {objects}")
+    check_pair(objects)
     return {(pi, seed, i): pair_outcome(tuple(obj), objects[1 - i][0], found) for i, obj in enumerate(objects)}
 
 

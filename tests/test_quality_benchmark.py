@@ -220,6 +220,12 @@ def test_quality_multisubject_evaluate_attaches_the_per_object_table_and_its_con
     assert summary["plain"]["from_plain"][PRESENT] == (3, 2, 2)
     assert summary["plain"]["from_plain"][PAIR_MISSES[2]] == (1, 1, 0)
     assert summary["A&E"]["recall"] == 0.5 and summary["plain"]["recall"] == 0.75
+    # a request the per-object kinds cannot read is refused before any image is generated
+    calls = []
+    with pytest.raises(ValueError, match="different shapes and colours"):
+        qm.evaluate(lambda *a, **k: calls.append(a), methods=["plain"], seeds=[0, 1], detect=lambda image: [],
+                    requests=[[("circle", "red"), ("square", "blue")], [("circle", "red"), ("star", "red")]])
+    assert calls == []
 
 
 def test_benchmark_report_prints_keeps_and_writes_the_same_lines(tmp_path, capsys, load_benchmark):
